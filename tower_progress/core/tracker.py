@@ -1,0 +1,544 @@
+"""The only place that decides what a job is: folds observations into jobs, returns events.
+
+A job is a production_jobs row, a ComfyUI prompt, or both joined by the row's
+``comfyui_job_id``. ``apply`` is deterministic in its inputs (``now`` is passed in), idempotent
+(the same observation twice emits nothing the second time), and never moves a job backwards:
+terminal states are latched and percent only grows while running.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tower_progress.core.eta import expected_duration, stage_prior
+from tower_progress.core.job_view import iso, render, volatile_free
+from tower_progress.core.model import (
+    ComfyMessage,
+    Event,
+    HistoryEntry,
+    JobChanged,
+    JobFinished,
+    JobRemoved,
+    JobRow,
+    JobState,
+    JsonDict,
+    Milestone,
+    Observation,
+    QueueItem,
+    QueueSnapshot,
+    ResourceSample,
+    ResourcesChanged,
+    RowDeleted,
+    SourceChanged,
+    SourceStatus,
+    Tick,
+    Visibility,
+)
+from tower_progress.core.prompt import Prompt
+from tower_progress.core.status import StatusMap
+from tower_progress.core.workflow import Workflow
+
+log = logging.getLogger(__name__)
+
+MILESTONES = (25, 50, 75, 90)
+# A prompt first seen on the websocket is only "gone" once a /queue taken this much later
+# lacks it: a /queue request already in flight may predate the prompt.
+_SNAPSHOT_GRACE_S = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceConfig:
+    """What the tracker must know of a ComfyUI instance to judge visibility."""
+
+    client_id: str | None = None
+    bridge: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerConfig:
+    instances: Mapping[str, InstanceConfig] = field(
+        default_factory=lambda: {"local": InstanceConfig()}
+    )
+    status_map: StatusMap = field(default_factory=StatusMap)
+    finished_cap: int = 500
+    stall_factor: float = 5.0
+    stall_min_s: float = 20.0
+    gpu_idle_percent: float = 10.0
+    priors_per_workflow: int = 20
+
+
+@dataclass
+class _Instance:
+    up: bool = False
+    epoch: int = 0
+    running: str | None = None
+    snapshot_at: float | None = None
+    snapshot_ids: frozenset[str] = frozenset()
+
+
+@dataclass
+class Job:
+    id: str
+    row: JobRow | None = None
+    prompt_id: str | None = None
+    first_seen: float = 0.0
+    final: JobState | None = None
+    milestones: set[int] = field(default_factory=set)
+    last_key: JsonDict | None = None
+    last_view: JsonDict | None = None
+    updated_at: float = 0.0
+
+
+class Tracker:
+    def __init__(
+        self,
+        config: TrackerConfig | None = None,
+        priors: Mapping[str, Sequence[Mapping[str, float]]] | None = None,
+    ) -> None:
+        self._config = config or TrackerConfig()
+        self._jobs: dict[str, Job] = {}
+        self._prompts: dict[str, Prompt] = {}
+        self._prompt_job: dict[str, str] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._instances = {name: _Instance() for name in self._config.instances}
+        keep = self._config.priors_per_workflow
+        self._runs: dict[str, list[Mapping[str, float]]] = {
+            fp: list(runs)[:keep] for fp, runs in (priors or {}).items()
+        }
+        self._durations: list[float] = []
+        self._resources: ResourceSample | None = None
+        self._resources_view: JsonDict | None = None
+        self._sources: dict[str, JsonDict] = {}
+
+    # --- read side (the web layer's StateView) --------------------------------------------
+
+    def jobs(self) -> list[JsonDict]:
+        return [job.last_view for job in self._jobs.values() if job.last_view is not None]
+
+    def job(self, job_id: str) -> JsonDict | None:
+        job = self._jobs.get(job_id)
+        return job.last_view if job else None
+
+    def resources(self) -> JsonDict | None:
+        return self._resources_view
+
+    def sources(self) -> dict[str, JsonDict]:
+        return dict(self._sources)
+
+    def resources_sample(self) -> ResourceSample | None:
+        return self._resources
+
+    def prompt_target(self, job_id: str) -> tuple[str, str, JobState] | None:
+        """(instance, prompt_id, ComfyUI-side state) of a job's prompt, for cancel."""
+        job = self._jobs.get(job_id)
+        prompt = self._prompts.get(job.prompt_id) if job and job.prompt_id else None
+        if job is None or prompt is None:
+            return None
+        return prompt.instance, prompt.prompt_id, prompt.state
+
+    def unresolved_prompts(self, instance: str, now: float) -> list[str]:
+        """Prompts whose outcome must be read from ``/history`` after a ``/queue`` snapshot.
+
+        Active prompts of this instance missing from the latest snapshot, and prompt ids of
+        rows that ComfyUI has not shown yet (a short prompt can start and end between polls).
+        """
+        inst = self._instances.get(instance)
+        if inst is None or inst.snapshot_at is None:
+            return []
+        wanted: list[str] = []
+        for job in self._jobs.values():
+            if job.final is not None or job.prompt_id is None:
+                continue
+            prompt = self._prompts.get(job.prompt_id)
+            if prompt is None:
+                wanted.append(job.prompt_id)
+            elif (
+                prompt.instance == instance
+                and not prompt.state.terminal
+                and prompt.prompt_id not in inst.snapshot_ids
+                and (prompt.in_snapshot or inst.snapshot_at - prompt.first_seen > _SNAPSHOT_GRACE_S)
+            ):
+                wanted.append(prompt.prompt_id)
+        return wanted
+
+    def has_active_prompts(self, instance: str) -> bool:
+        return any(p.instance == instance and not p.state.terminal for p in self._prompts.values())
+
+    # --- write side ------------------------------------------------------------------------
+
+    def apply(self, observation: Observation, now: float) -> list[Event]:
+        """Fold one observation taken at ``now`` (epoch seconds); return what changed."""
+        touched: list[str] = []
+        events: list[Event] = []
+        match observation:
+            case JobRow():
+                touched = self._row(observation, now, events)
+            case RowDeleted(id=job_id):
+                if job_id in self._jobs:
+                    self._drop(job_id, events)
+            case ComfyMessage():
+                touched = self._message(observation, now)
+            case QueueSnapshot():
+                touched = self._snapshot(observation, now)
+            case HistoryEntry():
+                touched = self._history(observation, now)
+            case ResourceSample():
+                self._resources = observation
+                view = _resources_view(observation)
+                if view != self._resources_view:
+                    self._resources_view = view
+                    events.append(ResourcesChanged(view))
+            case SourceStatus():
+                touched = self._source(observation, now, events)
+            case Tick():
+                touched = [j.id for j in self._jobs.values() if j.final is None]
+        for job_id in dict.fromkeys(touched):
+            self._emit(job_id, now, events)
+        return events
+
+    # --- rows ------------------------------------------------------------------------------
+
+    def _row(self, row: JobRow, now: float, events: list[Event]) -> list[str]:
+        job = self._jobs.get(row.id)
+        if job is None:
+            job = self._jobs[row.id] = Job(row.id, first_seen=now)
+        self._config.status_map.check(row.status, row.id)
+        touched = [row.id]
+        if job.prompt_id != row.prompt_id:
+            if job.prompt_id is not None and self._prompt_job.get(job.prompt_id) == row.id:
+                del self._prompt_job[job.prompt_id]
+            job.prompt_id = row.prompt_id
+            if row.prompt_id is not None:
+                other = self._prompt_job.get(row.prompt_id)
+                self._prompt_job[row.prompt_id] = row.id
+                if other is not None and other != row.id and other.startswith("comfy:"):
+                    self._drop(other, events)
+        job.row = row
+        return touched
+
+    # --- ComfyUI ---------------------------------------------------------------------------
+
+    def _prompt(self, instance: str, prompt_id: str, now: float) -> Prompt:
+        prompt = self._prompts.get(prompt_id)
+        if prompt is None:
+            inst = self._instances.setdefault(instance, _Instance())
+            prompt = Prompt(prompt_id, instance, first_seen=now, epoch=inst.epoch)
+            if self._instance_config(instance).bridge:
+                prompt.visibility = Visibility.FULL
+            self._prompts[prompt_id] = prompt
+        if prompt_id not in self._prompt_job:
+            job_id = f"comfy:{prompt_id}"
+            self._jobs[job_id] = Job(job_id, prompt_id=prompt_id, first_seen=now)
+            self._prompt_job[prompt_id] = job_id
+        prompt.last_seen_at = now
+        return prompt
+
+    def _instance_config(self, instance: str) -> InstanceConfig:
+        return self._config.instances.get(instance, InstanceConfig())
+
+    def _prior(self, graph: Any) -> Mapping[str, float] | None:
+        runs = self._runs.get(Workflow.from_graph(graph).fingerprint)
+        return stage_prior(runs) if runs else None
+
+    def _message(self, obs: ComfyMessage, now: float) -> list[str]:
+        message = obs.message
+        kind = message.get("type")
+        data = message.get("data")
+        if not isinstance(kind, str) or not isinstance(data, Mapping):
+            return []
+        inst = self._instances.setdefault(obs.instance, _Instance())
+        prompt_id = data.get("prompt_id")
+        if not isinstance(prompt_id, str) or not prompt_id:
+            if kind not in ("executing", "progress") or inst.running is None:
+                return []
+            prompt_id = inst.running
+        prompt = self._prompt(obs.instance, prompt_id, now)
+        if kind in (
+            "execution_start",
+            "execution_cached",
+            "executing",
+            "executed",
+            "execution_success",
+            "execution_error",
+        ):
+            prompt.visibility = Visibility.FULL
+        elif prompt.visibility is Visibility.COARSE and kind in ("progress", "progress_state"):
+            prompt.visibility = Visibility.PARTIAL
+        node = data.get("node")
+        node = str(node) if isinstance(node, str | int) and not isinstance(node, bool) else None
+        if kind == "execution_start":
+            inst.running = prompt_id
+            prompt.mark_running(now, _ms(data.get("timestamp")))
+        elif kind == "execution_cached":
+            prompt.mark_running(now)
+            prompt.cached(data.get("nodes"))
+        elif kind == "executing":
+            if node is None:
+                if inst.running == prompt_id:
+                    inst.running = None
+                prompt.executing(None, now)
+            else:
+                inst.running = prompt_id
+                prompt.executing(node, now)
+        elif kind == "progress":
+            value, maximum = _number(data.get("value")), _number(data.get("max"))
+            if value is not None and maximum is not None:
+                prompt.progress(node, value, maximum, now)
+        elif kind == "progress_state":
+            inst.running = prompt_id if not prompt.state.terminal else inst.running
+            prompt.progress_state(data.get("nodes"), now)
+        elif kind == "executed":
+            prompt.executed(node, data.get("output"))
+        elif kind == "execution_success":
+            prompt.finish(JobState.COMPLETED, now, _ms(data.get("timestamp")))
+        elif kind == "execution_error":
+            if data.get("exception_type") != "ExecutionBlocked":
+                prompt.fail(data, JobState.FAILED, now)
+        elif kind == "execution_interrupted":
+            prompt.fail(data, JobState.CANCELED, now)
+        return [self._prompt_job[prompt_id]]
+
+    def _snapshot(self, snap: QueueSnapshot, now: float) -> list[str]:
+        inst = self._instances.setdefault(snap.instance, _Instance())
+        inst.snapshot_at = now
+        inst.snapshot_ids = frozenset(i.prompt_id for i in (*snap.running, *snap.pending))
+        touched: list[str] = []
+        for position, item in enumerate((*snap.running, *snap.pending)):
+            prompt = self._prompt(snap.instance, item.prompt_id, now)
+            self._adopt(prompt, item, now)
+            prompt.in_snapshot = True
+            prompt.epoch = inst.epoch
+            if position < len(snap.running):
+                prompt.mark_running(now)
+            elif not prompt.state.terminal and prompt.state is not JobState.RUNNING:
+                prompt.queue_position = position - len(snap.running) + 1
+            touched.append(self._prompt_job[item.prompt_id])
+        if not snap.running and inst.running is not None and inst.running not in inst.snapshot_ids:
+            inst.running = None
+        touched.extend(
+            self._prompt_job[p.prompt_id]
+            for p in self._prompts.values()
+            if p.instance == snap.instance and p.state is JobState.QUEUED
+        )
+        return touched
+
+    def _adopt(self, prompt: Prompt, item: QueueItem, now: float) -> None:
+        prompt.number = item.number
+        prompt.created_at = prompt.created_at or _ms(item.create_time)
+        if prompt.workflow is None:
+            prompt.client_id = item.client_id
+            config = self._instance_config(prompt.instance)
+            if prompt.visibility is not Visibility.FULL:
+                if config.bridge or (item.client_id and item.client_id == config.client_id):
+                    prompt.visibility = Visibility.FULL
+                elif item.client_id is None:
+                    prompt.visibility = Visibility.PARTIAL
+            prompt.set_graph(item.graph, self._prior(item.graph), now)
+
+    def _history(self, obs: HistoryEntry, now: float) -> list[str]:
+        if obs.entry is not None:
+            found = self._prompt(obs.instance, obs.prompt_id, now)
+            graph = obs.entry.get("prompt")
+            graph = graph[2] if isinstance(graph, list) and len(graph) > 2 else None
+            found.history(obs.entry, self._prior(graph) if graph else None, now)
+            return [self._prompt_job[obs.prompt_id]]
+        prompt = self._prompts.get(obs.prompt_id)
+        inst = self._instances.get(obs.instance)
+        if prompt is None or inst is None or prompt.state.terminal:
+            return []
+        if prompt.prompt_id in inst.snapshot_ids:
+            return []
+        restarted = prompt.epoch < inst.epoch
+        if prompt.state is JobState.RUNNING or restarted:
+            log.warning("prompt %s vanished from ComfyUI %s: lost", obs.prompt_id, obs.instance)
+            prompt.finish(JobState.LOST, now, prompt.last_seen_at)
+        else:
+            log.info("prompt %s left the queue of %s unrun: canceled", obs.prompt_id, obs.instance)
+            prompt.finish(JobState.CANCELED, now)
+        return [self._prompt_job[obs.prompt_id]]
+
+    # --- sources ---------------------------------------------------------------------------
+
+    def _source(self, status: SourceStatus, now: float, events: list[Event]) -> list[str]:
+        previous = self._sources.get(status.name)
+        if previous is None or previous["up"] != status.up or previous["detail"] != status.detail:
+            since = now if previous is None or previous["up"] != status.up else previous["_since"]
+            self._sources[status.name] = {
+                "up": status.up,
+                "detail": status.detail,
+                "since": iso(since),
+                "_since": since,
+            }
+            events.append(SourceChanged(status.name, status.up, status.detail))
+        if status.name.startswith("comfyui:"):
+            inst = self._instances.setdefault(status.name.removeprefix("comfyui:"), _Instance())
+            if status.up and not inst.up:
+                inst.epoch += 1
+            inst.up = status.up
+        return [j.id for j in self._jobs.values() if j.final is None]
+
+    def source_up(self, name: str) -> bool:
+        source = self._sources.get(name)
+        return bool(source and source["up"])
+
+    # --- emission --------------------------------------------------------------------------
+
+    def _emit(self, job_id: str, now: float, events: list[Event]) -> None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return
+        prompt = self._prompts.get(job.prompt_id) if job.prompt_id else None
+        state = job.final or self._state(job, prompt)
+        stalled = self._stalled(prompt, state, now)
+        stale = self._stale(job, prompt)
+        view = render(
+            job_id=job.id,
+            row=job.row,
+            prompt=prompt,
+            state=state,
+            queue_eta=self._queue_eta(prompt, now),
+            stalled=stalled,
+            stale=stale,
+            now=now,
+            first_seen=job.first_seen,
+        )
+        key = volatile_free(view, now)
+        if key == job.last_key:
+            return
+        job.updated_at = now
+        view["updated_at"] = iso(now)
+        job.last_key, job.last_view = key, view
+        events.append(JobChanged(view))
+        percent = view["percent"]
+        for mark in MILESTONES:
+            if percent >= mark and mark not in job.milestones and not state.terminal:
+                job.milestones.add(mark)
+                events.append(Milestone(job.id, mark, state.value))
+        if state.terminal and job.final is None:
+            job.final = state
+            events.append(
+                Milestone(job.id, 100 if state is JobState.COMPLETED else int(percent), state.value)
+            )
+            self._finished_job(job, prompt, view, events)
+
+    def _state(self, job: Job, prompt: Prompt | None) -> JobState:
+        row_state = self._config.status_map.state(job.row.status) if job.row else None
+        if row_state is not None and row_state.terminal:
+            return row_state
+        if prompt is None:
+            return JobState.FAILED if row_state is JobState.FAILED else JobState.PENDING
+        if prompt.state is JobState.COMPLETED and job.row is not None:
+            return JobState.RUNNING
+        return prompt.state
+
+    def _stale(self, job: Job, prompt: Prompt | None) -> bool:
+        if prompt is not None and not prompt.state.terminal:
+            inst = self._instances.get(prompt.instance)
+            known = f"comfyui:{prompt.instance}" in self._sources
+            return inst is not None and not inst.up and known
+        if job.row is not None and "database" in self._sources:
+            return not self._sources["database"]["up"]
+        return False
+
+    def _stalled(self, prompt: Prompt | None, state: JobState, now: float) -> JsonDict | None:
+        if prompt is None or state is not JobState.RUNNING or prompt.last_progress is None:
+            return None
+        gap = prompt.expected_gap()
+        if gap is None:
+            return None
+        limit = max(self._config.stall_factor * gap, self._config.stall_min_s)
+        if now - prompt.last_progress <= limit:
+            return None
+        gpu = None
+        if self._resources is not None and self._resources.gpus:
+            utilization = self._resources.gpus[0].utilization
+            if utilization is not None and utilization < self._config.gpu_idle_percent:
+                gpu = utilization
+        return {"since": iso(prompt.last_progress), "gpu_utilization": gpu}
+
+    def _queue_eta(self, prompt: Prompt | None, now: float) -> float | None:
+        """Seconds until a queued prompt should finish: the running remainder plus the jobs
+        ahead and its own expected duration; None when any of them is unknown."""
+        if prompt is None or prompt.state is not JobState.QUEUED or prompt.queue_position is None:
+            return None
+        same = [p for p in self._prompts.values() if p.instance == prompt.instance]
+        running = [p for p in same if p.state is JobState.RUNNING]
+        total = 0.0
+        for p in running:
+            remaining = p.remaining(now)
+            if remaining is None:
+                return None
+            total += remaining
+        ahead = sorted(
+            (
+                p
+                for p in same
+                if p.state is JobState.QUEUED
+                and p.queue_position is not None
+                and p.queue_position <= prompt.queue_position
+            ),
+            key=lambda p: p.queue_position or 0,
+        )
+        for p in ahead:
+            expected = self._expected(p)
+            if expected is None:
+                return None
+            total += expected
+        return total
+
+    def _expected(self, prompt: Prompt) -> float | None:
+        if prompt.prior:
+            return expected_duration(prompt.prior)
+        if not self._durations:
+            return None
+        ordered = sorted(self._durations)
+        median: float = ordered[len(ordered) // 2]
+        return median
+
+    def _finished_job(
+        self, job: Job, prompt: Prompt | None, view: JsonDict, events: list[Event]
+    ) -> None:
+        fingerprint = prompt.workflow.fingerprint if prompt and prompt.workflow else None
+        seconds = prompt.stage_seconds() if prompt else {}
+        if job.final is JobState.COMPLETED and prompt is not None:
+            if fingerprint and seconds:
+                runs = self._runs.setdefault(fingerprint, [])
+                runs.insert(0, seconds)
+                del runs[self._config.priors_per_workflow :]
+            if prompt.started_at is not None and prompt.finished_at is not None:
+                self._durations.append(prompt.finished_at - prompt.started_at)
+                del self._durations[:-50]
+        events.append(JobFinished(view, fingerprint, seconds))
+        self._finished[job.id] = None
+        while len(self._finished) > self._config.finished_cap:
+            oldest, _ = self._finished.popitem(last=False)
+            self._drop(oldest, events)
+
+    def _drop(self, job_id: str, events: list[Event]) -> None:
+        job = self._jobs.pop(job_id)
+        self._finished.pop(job_id, None)
+        if job.prompt_id is not None and self._prompt_job.get(job.prompt_id) == job_id:
+            del self._prompt_job[job.prompt_id]
+            prompt = self._prompts.get(job.prompt_id)
+            if prompt is None or prompt.state.terminal or job_id.startswith("comfy:"):
+                self._prompts.pop(job.prompt_id, None)
+        events.append(JobRemoved(job_id))
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _ms(value: Any) -> float | None:
+    number = _number(value)
+    return number / 1000.0 if number is not None and number > 0 else None
+
+
+def _resources_view(sample: ResourceSample) -> JsonDict:
+    return asdict(sample)
