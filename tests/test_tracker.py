@@ -1,0 +1,304 @@
+"""Tracker behaviour over plain observations: joins, outcomes, stalls, milestones, limits."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from tower_progress.core.model import (
+    ComfyMessage,
+    GpuSample,
+    HistoryEntry,
+    JobChanged,
+    JobFinished,
+    JobRemoved,
+    JobRow,
+    JobState,
+    Milestone,
+    QueueItem,
+    QueueSnapshot,
+    ResourcesChanged,
+    ResourceSample,
+    RowDeleted,
+    SourceChanged,
+    SourceStatus,
+    Tick,
+)
+from tower_progress.core.status import StatusMap
+from tower_progress.core.tracker import InstanceConfig, Tracker, TrackerConfig
+
+T0 = 1_800_000_000.0
+GRAPH: dict[str, Any] = {
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "a.safetensors"}},
+    "5": {"class_type": "EmptyLatentImage", "inputs": {"batch_size": 1, "width": 512}},
+    "3": {"class_type": "KSampler", "inputs": {"steps": 10, "latent_image": ["5", 0]}},
+    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0]}},
+    "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0]}},
+}
+
+
+def msg(kind: str, **data: Any) -> ComfyMessage:
+    return ComfyMessage("local", {"type": kind, "data": data})
+
+
+def queue(running: list[str], pending: list[str], client_id: str | None = "other") -> QueueSnapshot:
+    def item(n: int, pid: str) -> QueueItem:
+        return QueueItem(float(n), pid, GRAPH, client_id)
+
+    return QueueSnapshot(
+        "local",
+        tuple(item(i, p) for i, p in enumerate(running)),
+        tuple(item(10 + i, p) for i, p in enumerate(pending)),
+    )
+
+
+def history(pid: str, terminal: str = "execution_success", **data: Any) -> HistoryEntry:
+    messages = [
+        ["execution_start", {"prompt_id": pid, "timestamp": int(T0 * 1000) + 100}],
+        ["execution_cached", {"nodes": ["4"], "prompt_id": pid}],
+        [terminal, {"prompt_id": pid, "timestamp": int(T0 * 1000) + 9000, **data}],
+    ]
+    entry = {
+        "prompt": [1, pid, GRAPH, {}, ["9"]],
+        "outputs": {"9": {"images": [{"filename": "x.png", "type": "output"}]}},
+        "status": {"status_str": "success", "completed": True, "messages": messages},
+    }
+    return HistoryEntry("local", pid, entry)
+
+
+def run_steps(tracker: Tracker, pid: str, steps: int, start: float, gap: float = 1.0) -> float:
+    tracker.apply(msg("execution_start", prompt_id=pid, timestamp=int(start * 1000)), start)
+    tracker.apply(msg("executing", node="3", prompt_id=pid), start)
+    t = start
+    for step in range(1, steps + 1):
+        t = start + step * gap
+        tracker.apply(msg("progress", value=step, max=10, node="3", prompt_id=pid), t)
+    return t
+
+
+def test_row_without_known_prompt_stays_pending() -> None:
+    tracker = Tracker()
+    events = tracker.apply(JobRow("7", "queued", prompt_id="p1", title="Shot 7"), T0)
+    (changed,) = events
+    assert isinstance(changed, JobChanged)
+    assert changed.job["state"] == "pending"
+    assert changed.job["title"] == "Shot 7"
+    assert changed.job["status_raw"] == "queued"
+    assert tracker.unresolved_prompts("local", T0) == []
+
+
+def test_prompt_seen_before_its_row_is_merged_into_the_row_job() -> None:
+    tracker = Tracker()
+    tracker.apply(queue([], ["p1"]), T0)
+    assert tracker.job("comfy:p1") is not None
+    events = tracker.apply(JobRow("7", "queued", prompt_id="p1"), T0 + 1)
+    assert JobRemoved("comfy:p1") in events
+    job = tracker.job("7")
+    assert job is not None
+    assert (job["state"], job["queue_position"], job["prompt_id"]) == ("queued", 1, "p1")
+    assert tracker.job("comfy:p1") is None
+
+
+def test_comfy_success_waits_for_the_row_then_completes() -> None:
+    tracker = Tracker()
+    tracker.apply(JobRow("7", "processing", prompt_id="p1"), T0)
+    tracker.apply(queue(["p1"], []), T0)
+    tracker.apply(history("p1"), T0 + 10)
+    job = tracker.job("7")
+    assert job is not None
+    assert (job["state"], job["stage"], job["percent"]) == ("running", "finalizing", 100.0)
+    events = tracker.apply(JobRow("7", "done", prompt_id="p1"), T0 + 11)
+    job = tracker.job("7")
+    assert job is not None
+    assert job["state"] == "completed"
+    assert Milestone("7", 100, "completed") in events
+    assert any(isinstance(e, JobFinished) for e in events)
+
+
+def test_terminal_state_never_changes_back() -> None:
+    tracker = Tracker()
+    first = tracker.apply(JobRow("7", "failed", prompt_id=None), T0)
+    assert sum(isinstance(e, JobFinished) for e in first) == 1
+    later = tracker.apply(JobRow("7", "processing", prompt_id=None), T0 + 1)
+    assert [e.job["state"] for e in later if isinstance(e, JobChanged)] == ["failed"]
+    assert not any(isinstance(e, JobFinished | Milestone) for e in later)
+    job = tracker.job("7")
+    assert job is not None
+    assert (job["state"], job["status_raw"]) == ("failed", "processing")
+
+
+def test_unknown_status_is_kept_verbatim_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    tracker = Tracker()
+    with caplog.at_level(logging.WARNING):
+        tracker.apply(JobRow("1", "Awaiting-QA"), T0)
+        tracker.apply(JobRow("2", "Awaiting-QA"), T0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "job 1: unknown production status 'Awaiting-QA' kept verbatim"
+    ]
+    job = tracker.job("2")
+    assert job is not None
+    assert (job["state"], job["status_raw"]) == ("pending", "Awaiting-QA")
+
+
+def test_status_map_is_configurable() -> None:
+    config = TrackerConfig(status_map=StatusMap({"Awaiting-QA": JobState.COMPLETED}))
+    tracker = Tracker(config)
+    tracker.apply(JobRow("1", "awaiting-qa"), T0)
+    job = tracker.job("1")
+    assert job is not None
+    assert job["state"] == "completed"
+
+
+def test_history_before_last_progress_does_not_move_job_backwards() -> None:
+    tracker = Tracker()
+    tracker.apply(queue(["p1"], []), T0)
+    t = run_steps(tracker, "p1", 5, T0)
+    tracker.apply(history("p1"), t + 1)
+    late = tracker.apply(msg("progress", value=6, max=10, node="3", prompt_id="p1"), t + 2)
+    assert late == []
+    job = tracker.job("comfy:p1")
+    assert job is not None
+    assert (job["state"], job["percent"]) == ("completed", 100.0)
+
+
+def test_percent_never_decreases_and_milestones_fire_once() -> None:
+    tracker = Tracker()
+    tracker.apply(queue(["p1"], []), T0)
+    events = []
+    t = T0
+    events += tracker.apply(msg("execution_start", prompt_id="p1"), t)
+    events += tracker.apply(msg("execution_cached", nodes=["4", "5"], prompt_id="p1"), t)
+    events += tracker.apply(msg("executing", node="3", prompt_id="p1"), t)
+    for step in [*range(1, 11), 4, 10]:
+        t += 1
+        events += tracker.apply(msg("progress", value=step, max=10, node="3", prompt_id="p1"), t)
+    percents = [e.job["percent"] for e in events if isinstance(e, JobChanged)]
+    assert percents == sorted(percents)
+    marks = [e.percent for e in events if isinstance(e, Milestone)]
+    assert marks == [25, 50, 75]
+
+
+def test_prompt_deleted_from_queue_is_canceled() -> None:
+    tracker = Tracker()
+    tracker.apply(queue(["p1"], ["p2"]), T0)
+    tracker.apply(queue(["p1"], []), T0 + 1)
+    assert tracker.unresolved_prompts("local", T0 + 1) == ["p2"]
+    tracker.apply(HistoryEntry("local", "p2", None), T0 + 1)
+    job = tracker.job("comfy:p2")
+    assert job is not None
+    assert job["state"] == "canceled"
+
+
+def test_running_prompt_that_vanishes_is_lost_never_completed() -> None:
+    tracker = Tracker()
+    tracker.apply(SourceStatus("comfyui:local", True), T0)
+    tracker.apply(queue(["p1"], ["p2"]), T0)
+    run_steps(tracker, "p1", 3, T0)
+    tracker.apply(SourceStatus("comfyui:local", False, "closed"), T0 + 5)
+    stale = tracker.job("comfy:p1")
+    assert stale is not None
+    assert stale["stale"] is True
+    tracker.apply(SourceStatus("comfyui:local", True), T0 + 30)
+    tracker.apply(queue([], []), T0 + 30)
+    assert sorted(tracker.unresolved_prompts("local", T0 + 30)) == ["p1", "p2"]
+    tracker.apply(HistoryEntry("local", "p1", None), T0 + 30)
+    tracker.apply(HistoryEntry("local", "p2", None), T0 + 30)
+    for job_id in ("comfy:p1", "comfy:p2"):
+        job = tracker.job(job_id)
+        assert job is not None
+        assert job["state"] == "lost"
+        assert job["stale"] is False
+        assert job["last_seen_at"] is not None
+
+
+def test_prompt_only_seen_on_the_websocket_is_not_resolved_too_early() -> None:
+    tracker = Tracker()
+    tracker.apply(msg("progress_state", prompt_id="p9", nodes={}), T0)
+    tracker.apply(queue([], []), T0 + 1)
+    assert tracker.unresolved_prompts("local", T0 + 1) == []
+    tracker.apply(queue([], []), T0 + 5)
+    assert tracker.unresolved_prompts("local", T0 + 5) == ["p9"]
+
+
+def test_stall_is_flagged_with_idle_gpu_and_clears_on_progress() -> None:
+    tracker = Tracker(TrackerConfig(stall_factor=5, stall_min_s=10))
+    tracker.apply(ResourceSample(gpus=(GpuSample(0, "H100", utilization=2.0),)), T0)
+    tracker.apply(queue(["p1"], []), T0)
+    t = run_steps(tracker, "p1", 4, T0)
+    tracker.apply(Tick(), t + 9)
+    job = tracker.job("comfy:p1")
+    assert job is not None
+    assert job["stalled"] is None
+    (changed,) = tracker.apply(Tick(), t + 11)
+    assert isinstance(changed, JobChanged)
+    assert changed.job["stalled"] == {
+        "since": changed.job["stalled"]["since"],
+        "gpu_utilization": 2.0,
+    }
+    tracker.apply(msg("progress", value=5, max=10, node="3", prompt_id="p1"), t + 12)
+    job = tracker.job("comfy:p1")
+    assert job is not None
+    assert job["stalled"] is None
+
+
+def test_queued_jobs_get_an_eta_from_the_running_job_and_priors() -> None:
+    tracker = Tracker()
+    tracker.apply(queue(["p1"], []), T0)
+    t = run_steps(tracker, "p1", 10, T0)
+    tracker.apply(history("p1"), t + 1)
+    tracker.apply(queue(["p2"], ["p3"]), t + 2)
+    run_steps(tracker, "p2", 5, t + 2)
+    job = tracker.job("comfy:p3")
+    assert job is not None
+    assert job["queue_position"] == 1
+    assert job["eta_s"] is not None and job["eta_s"] > 0
+
+
+def test_finished_jobs_beyond_the_cap_are_removed() -> None:
+    tracker = Tracker(TrackerConfig(finished_cap=10))
+    events = []
+    for i in range(12):
+        events += tracker.apply(JobRow(str(i), "done"), T0 + i)
+    removed = [e.id for e in events if isinstance(e, JobRemoved)]
+    assert removed == ["0", "1"]
+    assert len(tracker.jobs()) == 10
+
+
+def test_row_deleted_removes_the_job() -> None:
+    tracker = Tracker()
+    tracker.apply(JobRow("1", "pending"), T0)
+    assert tracker.apply(RowDeleted("1"), T0 + 1) == [JobRemoved("1")]
+    assert tracker.apply(RowDeleted("1"), T0 + 2) == []
+
+
+def test_sources_and_resources_events() -> None:
+    tracker = Tracker()
+    sample = ResourceSample(cpu_percent=12.5, gpu_status="no GPU")
+    assert tracker.apply(sample, T0) == [ResourcesChanged(tracker.resources() or {})]
+    assert tracker.apply(sample, T0 + 1) == []
+    assert tracker.apply(SourceStatus("database", False, "refused"), T0) == [
+        SourceChanged("database", False, "refused")
+    ]
+    assert tracker.sources()["database"]["up"] is False
+
+
+def test_bridge_instance_makes_every_prompt_full() -> None:
+    config = TrackerConfig(instances={"local": InstanceConfig("me", bridge=True)})
+    tracker = Tracker(config)
+    tracker.apply(queue([], ["p1"], client_id="someone-else"), T0)
+    job = tracker.job("comfy:p1")
+    assert job is not None
+    assert job["visibility"] == "full"
+
+
+@pytest.mark.parametrize(
+    ("client_id", "visibility"), [("me", "full"), (None, "partial"), ("other", "coarse")]
+)
+def test_visibility_from_the_queue_item(client_id: str | None, visibility: str) -> None:
+    tracker = Tracker(TrackerConfig(instances={"local": InstanceConfig("me")}))
+    tracker.apply(queue([], ["p1"], client_id=client_id), T0)
+    job = tracker.job("comfy:p1")
+    assert job is not None
+    assert job["visibility"] == visibility
