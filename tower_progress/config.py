@@ -373,11 +373,17 @@ def _parse(spec: Spec, value: Any, key: str | None = None) -> Any:
         raise ConfigError(key or spec.key, value, str(exc)) from None
 
 
-def default_state_dir(env: Mapping[str, str]) -> Path:
+def default_state_dir(env: Mapping[str, str], euid: int | None = None) -> Path:
+    """``$STATE_DIRECTORY`` (systemd), else ``$XDG_STATE_HOME/tower-progress``; as root with
+    neither, ``/var/lib/tower-progress``, because the embedded PostgreSQL runs as its own
+    user and cannot enter ``/root``."""
     if env.get("STATE_DIRECTORY"):
         return Path(env["STATE_DIRECTORY"].split(":")[0])
-    base = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "/var/lib")) / ".local/state")
-    return Path(base) / "tower-progress"
+    if env.get("XDG_STATE_HOME"):
+        return Path(env["XDG_STATE_HOME"]) / "tower-progress"
+    if (os.geteuid() if euid is None else euid) == 0 or not env.get("HOME"):
+        return Path("/var/lib/tower-progress")
+    return Path(env["HOME"]) / ".local/state/tower-progress"
 
 
 def load(path: Path | None, env: Mapping[str, str] | None = None) -> Settings:
