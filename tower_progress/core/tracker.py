@@ -366,13 +366,9 @@ class Tracker:
     def _source(self, status: SourceStatus, now: float, events: list[Event]) -> list[str]:
         previous = self._sources.get(status.name)
         if previous is None or previous["up"] != status.up or previous["detail"] != status.detail:
-            since = now if previous is None or previous["up"] != status.up else previous["_since"]
-            self._sources[status.name] = {
-                "up": status.up,
-                "detail": status.detail,
-                "since": iso(since),
-                "_since": since,
-            }
+            same = previous is not None and previous["up"] == status.up
+            since = previous["since"] if previous is not None and same else iso(now)
+            self._sources[status.name] = {"up": status.up, "detail": status.detail, "since": since}
             events.append(SourceChanged(status.name, status.up, status.detail))
         if status.name.startswith("comfyui:"):
             inst = self._instances.setdefault(status.name.removeprefix("comfyui:"), _Instance())
