@@ -1,0 +1,120 @@
+"""systemd service notifications (``sd_notify``) with the standard library only.
+
+Under ``Type=notify`` systemd waits for ``READY=1`` before it considers the service started,
+shows ``STATUS=`` in ``systemctl status``, restarts the service when ``WATCHDOG=1`` stops
+arriving within ``WatchdogSec``, and knows a stop is orderly from ``STOPPING=1``. Outside
+systemd (``$NOTIFY_SOCKET`` unset) every call is a no-op, so the daemon needs no special case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Mapping
+
+log = logging.getLogger(__name__)
+
+
+def watchdog_interval(env: Mapping[str, str] = os.environ, pid: int | None = None) -> float | None:
+    """Seconds between watchdog pings: half of ``$WATCHDOG_USEC``, or None when not asked for.
+
+    None when the variable is unset, or when ``$WATCHDOG_PID`` is set and names another process
+    (the request was meant for a parent). A value that is not a positive integer is logged and
+    ignored. ``pid`` defaults to this process.
+    """
+    raw_usec = env.get("WATCHDOG_USEC")
+    if raw_usec is None:
+        return None
+    raw_pid = env.get("WATCHDOG_PID")
+    if raw_pid is not None:
+        own = os.getpid() if pid is None else pid
+        if raw_pid.strip() != str(own):
+            return None
+    try:
+        usec = int(raw_usec)
+    except ValueError:
+        usec = 0
+    if usec <= 0:
+        log.warning("ignoring WATCHDOG_USEC=%r: not a positive integer", raw_usec)
+        return None
+    return usec / 2_000_000
+
+
+class Notifier:
+    """Sends notifications to systemd's socket; a no-op when there is none.
+
+    ``address`` is ``$NOTIFY_SOCKET``: a filesystem path, or an abstract socket written with a
+    leading ``@``. Sending never raises: a lost notification is logged, because failing to tell
+    systemd something must not take the service down (a missed watchdog ping will, on purpose).
+    """
+
+    def __init__(self, address: str | None, watchdog_interval: float | None = None) -> None:
+        self.watchdog_interval = watchdog_interval
+        self._address: str | None = None
+        self._socket: socket.socket | None = None
+        if not address:
+            return
+        if address[0] == "@":
+            address = "\0" + address[1:]
+        elif address[0] != "/":
+            log.warning(
+                "ignoring NOTIFY_SOCKET=%r: neither an absolute path nor @abstract", address
+            )
+            return
+        self._address = address
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._socket.setblocking(False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ, pid: int | None = None) -> Notifier:
+        """The notifier systemd asked for through ``$NOTIFY_SOCKET`` and ``$WATCHDOG_USEC``."""
+        return cls(env.get("NOTIFY_SOCKET"), watchdog_interval(env, pid))
+
+    @property
+    def enabled(self) -> bool:
+        return self._socket is not None
+
+    def ready(self) -> None:
+        self._send("READY=1")
+
+    def status(self, text: str) -> None:
+        """One line for ``systemctl status``; newlines would end the assignment, so they go."""
+        self._send("STATUS=" + " ".join(text.splitlines()))
+
+    def watchdog(self) -> None:
+        self._send("WATCHDOG=1")
+
+    def stopping(self) -> None:
+        self._send("STOPPING=1")
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    def _send(self, message: str) -> None:
+        if self._socket is None or self._address is None:
+            return
+        try:
+            self._socket.sendto(message.encode(), self._address)
+        except OSError as exc:
+            log.warning("systemd notification %r not delivered: %s", message.split("=")[0], exc)
+
+
+async def watchdog_loop(notifier: Notifier, stop: asyncio.Event) -> None:
+    """Ping the watchdog every ``notifier.watchdog_interval`` seconds until ``stop`` is set.
+
+    The pings come from the event loop itself, so a loop that is stuck (a blocking call, a busy
+    coroutine) stops them and systemd restarts the service. Returns at once when systemd asked
+    for no watchdog.
+    """
+    interval = notifier.watchdog_interval
+    if interval is None or not notifier.enabled:
+        return
+    while not stop.is_set():
+        notifier.watchdog()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
