@@ -44,38 +44,34 @@ def watchdog_interval(env: Mapping[str, str] = os.environ, pid: int | None = Non
 
 
 class Notifier:
-    """Sends notifications to systemd's socket; a no-op when there is none.
+    """Sends notifications to the socket systemd named in ``$NOTIFY_SOCKET``; a no-op without one.
 
-    ``address`` is ``$NOTIFY_SOCKET``: a filesystem path, or an abstract socket written with a
-    leading ``@``. Sending never raises: a lost notification is logged, because failing to tell
-    systemd something must not take the service down (a missed watchdog ping will, on purpose).
+    ``env`` (default: this process's environment) gives ``$NOTIFY_SOCKET``, a filesystem path or
+    an abstract socket written with a leading ``@``, and the watchdog request read by
+    :func:`watchdog_interval`. Each message opens its own socket, like ``sd_notify(3)``, so
+    nothing stays open and nothing needs closing. Sending never raises: a lost notification is
+    logged, because failing to tell systemd something must not take the service down (a missed
+    watchdog ping will, on purpose).
     """
 
-    def __init__(self, address: str | None, watchdog_interval: float | None = None) -> None:
-        self.watchdog_interval = watchdog_interval
+    def __init__(self, env: Mapping[str, str] = os.environ, pid: int | None = None) -> None:
+        self.watchdog_interval = watchdog_interval(env, pid)
         self._address: str | None = None
-        self._socket: socket.socket | None = None
+        address = env.get("NOTIFY_SOCKET")
         if not address:
             return
         if address[0] == "@":
-            address = "\0" + address[1:]
-        elif address[0] != "/":
+            self._address = "\0" + address[1:]
+        elif address[0] == "/":
+            self._address = address
+        else:
             log.warning(
                 "ignoring NOTIFY_SOCKET=%r: neither an absolute path nor @abstract", address
             )
-            return
-        self._address = address
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self._socket.setblocking(False)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ, pid: int | None = None) -> Notifier:
-        """The notifier systemd asked for through ``$NOTIFY_SOCKET`` and ``$WATCHDOG_USEC``."""
-        return cls(env.get("NOTIFY_SOCKET"), watchdog_interval(env, pid))
 
     @property
     def enabled(self) -> bool:
-        return self._socket is not None
+        return self._address is not None
 
     def ready(self) -> None:
         self._send("READY=1")
@@ -90,16 +86,13 @@ class Notifier:
     def stopping(self) -> None:
         self._send("STOPPING=1")
 
-    def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
-
     def _send(self, message: str) -> None:
-        if self._socket is None or self._address is None:
+        if self._address is None:
             return
         try:
-            self._socket.sendto(message.encode(), self._address)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.setblocking(False)
+                sock.sendto(message.encode(), self._address)
         except OSError as exc:
             log.warning("systemd notification %r not delivered: %s", message.split("=")[0], exc)
 
