@@ -3,7 +3,7 @@
 Three parts, split so the arithmetic is testable without a GPU:
 
 - :func:`parse_gpu` is pure: one raw per-GPU reading (the dict shape recorded in
-  ``nvml-fixtures/nvml-h100.jsonl``) becomes a :class:`GpuSample`.
+  ``tests/fixtures/nvml/nvml-h100.jsonl``) becomes a :class:`GpuSample`.
 - :class:`NvmlReader` is thin and blocking: it calls pynvml and produces those raw dicts.
 - :class:`ResourceSampler` is the async fixed-rate loop: it runs the reader off the event loop
   with a timeout, adds psutil readings, and emits ``ResourceSample``/``SourceStatus`` observations.
