@@ -69,14 +69,14 @@ def with_bridge(config: BridgeConfig, version: str | None = "0.8.0") -> Installe
 
 
 def roles(
-    recording_ids: dict[str, str | None], *, submitter_flags: bool, w: bool = True
+    recording_ids: dict[str, str | None], *, submitter_flags: bool, with_watcher: bool = True
 ) -> list[Role]:
     listed = [
         Role("submitter", recording_ids["submitter"], submitter_flags),
         Role("watcher", recording_ids["watcher"]),
         Role("anon", None),
     ]
-    return [*listed, Role("W", WATCHER_ID)] if w else listed
+    return [*listed, Role("W", WATCHER_ID)] if with_watcher else listed
 
 
 def scripted(
@@ -191,7 +191,7 @@ async def test_an_absent_watcher_changes_nothing_and_logs_nothing(
     owner: str | None, caplog: pytest.LogCaptureFixture
 ) -> None:
     ids, scripts, flags = scripted("queue_three", hold=True)
-    cast = roles(ids, submitter_flags=flags, w=False)
+    cast = roles(ids, submitter_flags=flags, with_watcher=False)
     submissions = submit(scripts, ids[owner] if owner else None)
     plain = await run_scenario(cast, submissions)
     caplog.clear()
@@ -248,7 +248,7 @@ async def test_prefix_mode_copies_to_every_watcher_connection() -> None:
     ids, scripts, flags = scripted("error_node")
     prefix = "tp-watch-prefix-7c4e2a91d0b3"
     first, second = Role("W1", prefix + "-a1"), Role("W2", prefix + "-b2")
-    cast = [*roles(ids, submitter_flags=flags, w=False), first, second]
+    cast = [*roles(ids, submitter_flags=flags, with_watcher=False), first, second]
     install = with_bridge(BridgeConfig(prefix, match="prefix", mirror_previews=True))
 
     submissions = submit(scripts, ids["submitter"])
