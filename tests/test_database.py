@@ -33,12 +33,12 @@ from tower_progress.sources.database import (
     JobTableListener,
     SchemaError,
     WriteBack,
+    install_trigger,
     migrate,
 )
 from tower_progress.sources.db_embedded import EmbeddedPostgresError
 from tower_progress.sources.db_history import DatabaseUnavailable
 from tower_progress.sources.db_migrations import available_migrations
-from tower_progress.sources.db_table import JobTable, describe_table, install_trigger
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 T0_EPOCH = T0.timestamp()
@@ -386,11 +386,10 @@ async def test_trigger_install_is_idempotent_and_never_blocks_the_producer(
 ) -> None:
     table = f"{schema}.jobs"
     await conn.execute(REFERENCE_LIKE.format(table=table))
-    resolved = JobTable.resolve(await describe_table(conn, table), {})
-    assert await install_trigger(conn, resolved) is True
+    assert await install_trigger(pg_dsn, table) is True
     query = "SELECT oid FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal"
     first = await conn.fetch(query, table)
-    assert await install_trigger(conn, resolved) is True
+    assert await install_trigger(pg_dsn, table, "id") is True
     assert await conn.fetch(query, table) == first and len(first) == 1
     # A producer role with no rights on our schema still writes, and still notifies.
     role = f"producer_{uuid.uuid4().hex[:8]}"

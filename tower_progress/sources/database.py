@@ -7,12 +7,20 @@ trigger), ``db_rows`` (row validation), ``db_listener`` (LISTEN/NOTIFY + reconci
 columns in the production table).
 """
 
+import asyncpg
+
 from tower_progress.sources.db_embedded import EmbeddedPostgres, EmbeddedPostgresError
 from tower_progress.sources.db_history import History
 from tower_progress.sources.db_listener import JobTableListener
 from tower_progress.sources.db_migrations import MigrationError, migrate
 from tower_progress.sources.db_rows import validate_row
-from tower_progress.sources.db_table import CHANNEL, DEFAULT_TERMINAL_STATUSES, SchemaError
+from tower_progress.sources.db_table import (
+    CHANNEL,
+    DEFAULT_TERMINAL_STATUSES,
+    SchemaError,
+    describe_table,
+    ensure_trigger,
+)
 from tower_progress.sources.db_writeback import WriteBack
 
 __all__ = [
@@ -25,6 +33,19 @@ __all__ = [
     "MigrationError",
     "SchemaError",
     "WriteBack",
+    "install_trigger",
     "migrate",
     "validate_row",
 ]
+
+
+async def install_trigger(dsn: str, jobs_table: str, id_column: str = "id") -> bool:
+    """Install the NOTIFY trigger on ``jobs_table`` now (``migrate``/start-up, with the
+    privileges of that connection); ``JobTableListener(trigger=True)`` also does this on every
+    connect. False (logged) when it cannot be installed; ``SchemaError`` for a bad table/column.
+    """
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await ensure_trigger(conn, await describe_table(conn, jobs_table), id_column)
+    finally:
+        await conn.close()

@@ -31,7 +31,7 @@ from tower_progress.sources.db_table import (
     DEFAULT_TERMINAL_STATUSES,
     JobTable,
     describe_table,
-    install_trigger,
+    ensure_trigger,
 )
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,11 @@ class JobTableListener:
         conn.add_termination_listener(on_terminate)
         try:
             table = await self._resolve(conn)
-            triggered = await install_trigger(conn, table) if self._trigger else False
+            triggered = (
+                await ensure_trigger(conn, table.info, table.columns["id"])
+                if self._trigger
+                else False
+            )
             await conn.add_listener(CHANNEL, self._on_notify)
             await self._reconcile(conn, table)
             self._set_up(triggered)

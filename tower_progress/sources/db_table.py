@@ -193,7 +193,7 @@ class JobTable:
         return sql, args
 
 
-async def install_trigger(conn: Connection, table: JobTable) -> bool:
+async def ensure_trigger(conn: Connection, info: TableInfo, id_column: str) -> bool:
     """Make sure the NOTIFY trigger is on the table; True when it is in place.
 
     Idempotent and cheap when already installed (a catalog read, no lock). Replacing it takes
@@ -201,12 +201,13 @@ async def install_trigger(conn: Connection, table: JobTable) -> bool:
     be installed (no privilege, lock busy, migrations missing) the reason is logged and the
     caller relies on the reconcile poll alone.
     """
-    id_column = table.columns["id"]
+    if id_column not in info.columns:
+        raise SchemaError(f"database.columns.id: column {id_column!r} not found in {info.display}")
     current = await conn.fetchrow(
         "SELECT t.tgfoid = pg_catalog.to_regprocedure($3) AS same_function, "
         "t.tgargs, t.tgenabled, t.tgtype FROM pg_catalog.pg_trigger t "
         "WHERE t.tgrelid = $1 AND t.tgname = $2",
-        table.info.oid,
+        info.oid,
         TRIGGER_NAME,
         f"{TRIGGER_FUNCTION}()",
     )
@@ -220,9 +221,9 @@ async def install_trigger(conn: Connection, table: JobTable) -> bool:
     ):
         return True
     ddl = (
-        f"DROP TRIGGER IF EXISTS {quote_ident(TRIGGER_NAME)} ON {table.info.qualified}; "
+        f"DROP TRIGGER IF EXISTS {quote_ident(TRIGGER_NAME)} ON {info.qualified}; "
         f"CREATE TRIGGER {quote_ident(TRIGGER_NAME)} "
-        f"AFTER INSERT OR UPDATE OR DELETE ON {table.info.qualified} "
+        f"AFTER INSERT OR UPDATE OR DELETE ON {info.qualified} "
         f"FOR EACH ROW EXECUTE FUNCTION {TRIGGER_FUNCTION}({quote_literal(id_column)})"
     )
     try:
@@ -234,9 +235,9 @@ async def install_trigger(conn: Connection, table: JobTable) -> bool:
             raise
         log.warning(
             "NOTIFY trigger not installed on %s (%s); relying on the reconcile poll",
-            table.info.display,
+            info.display,
             describe(exc),
         )
         return False
-    log.info("installed NOTIFY trigger %s on %s", TRIGGER_NAME, table.info.display)
+    log.info("installed NOTIFY trigger %s on %s", TRIGGER_NAME, info.display)
     return True
