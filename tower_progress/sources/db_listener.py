@@ -195,17 +195,7 @@ class JobTableListener:
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring malformed notification on %s: %s: %.200r", CHANNEL, exc, payload)
             return
-        table = self._table
-        schema, name = message.get("schema"), message.get("table")
-        if (
-            table is not None
-            and schema is not None
-            and (schema, name)
-            != (
-                table.info.schema,
-                table.info.name,
-            )
-        ):
+        if self._is_other_table(message):
             return
         if row_id in self._pending:
             return
@@ -220,6 +210,13 @@ class JobTableListener:
         else:
             self._pending[row_id] = None
         self._wake.set()
+
+    def _is_other_table(self, message: dict[str, object]) -> bool:
+        """Notifications name their table; another daemon's table shares the channel."""
+        table = self._table
+        if table is None or "schema" not in message:
+            return False
+        return (message["schema"], message.get("table")) != (table.info.schema, table.info.name)
 
     async def _reload_pending(self, conn: asyncpg.Connection, table: JobTable) -> None:
         ids = list(self._pending)[:_RELOAD_BATCH]
