@@ -164,6 +164,13 @@ CASES = [
         [(40.0, 40.0), (52.0, 28.0), (55.0, 31.0)],
     ),
     Case(
+        "growth by float rounding is not progress",
+        None,
+        [(0.0, 0.0, "sampling"), *_ticks("sampling", 0.0, 0.0, 10.0, 0.125, 4),
+         (41.0, 0.5 + 1e-12, "sampling")],
+        [(45.0, 35.0), (55.0, 25.0)],
+    ),
+    Case(
         "the stage of an update without one is kept",
         None,
         [(0.0, 0.0, "sampling"), (10.0, 0.125, None), (20.0, 0.25, None)],

@@ -39,6 +39,8 @@ STALL_MARGIN = 1.5
 """A tick is overdue after this many median tick intervals."""
 STALL_GROWTH = 1.0
 """Seconds added to the estimate per second of overdue stall."""
+ROUNDING = 1e-9
+"""Fraction growth up to this is float rounding in the tracker's sums, not progress."""
 
 _DEFAULT_SHARES: Mapping[str, float] = MappingProxyType(
     {stage.value: share for stage, share in DEFAULT_WEIGHTS.items()}
@@ -72,9 +74,10 @@ class EtaEstimator:
     def update(self, t: float, fraction: float, stage: str | None = None) -> None:
         """Record the job's overall ``fraction`` (0..1) at monotonic time ``t``.
 
-        ``stage`` None keeps the current stage. A fraction below an earlier one is a late
-        report and only the stage and time are taken from it. Raises ValueError for a
-        non-finite value, a fraction outside 0..1 or a time earlier than the last update.
+        ``stage`` None keeps the current stage. A fraction not above the last one (a late
+        report, or one that differs by rounding only) counts for its stage and time, not as
+        progress. Raises ValueError for a non-finite value, a fraction outside 0..1 or a time
+        earlier than the last update.
         """
         if not math.isfinite(t) or not math.isfinite(fraction) or not 0.0 <= fraction <= 1.0:
             raise ValueError(f"progress update needs finite t and 0 <= fraction <= 1, "
@@ -88,13 +91,14 @@ class EtaEstimator:
         if t < self._last_t:
             raise ValueError(f"progress update went back in time: {t!r} < {self._last_t!r}")
         self._last_t = t
-        fraction = max(fraction, self._fraction)
+        grew = fraction > self._fraction + ROUNDING
+        fraction = fraction if grew else self._fraction
         if stage is not None and stage != self._stage:
             self._enter(stage, t, fraction)
-        elif fraction > self._fraction:
+        elif grew:
             self._points.append((t, fraction))
             self._ticks += 1
-        if fraction > self._fraction:
+        if grew:
             self._fraction = fraction
             self._since = t
 
