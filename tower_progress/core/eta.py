@@ -64,12 +64,10 @@ class EtaEstimator:
         self._last_t = 0.0
         self._since = 0.0  # when the fraction last grew or the stage last changed
         self._stage: str | None = None
-        self._stage_t0 = 0.0
         self._stage_f0 = 0.0
         self._ticks = 0
         self._points: deque[tuple[float, float]] = deque(maxlen=WINDOW + 1)
-        self._spent: dict[str, float] = {}  # seconds and fraction of finished stage visits
-        self._gained: dict[str, float] = {}
+        self._gained: dict[str, float] = {}  # fraction done in finished visits of each stage
 
     def update(self, t: float, fraction: float, stage: str | None = None) -> None:
         """Record the job's overall ``fraction`` (0..1) at monotonic time ``t``.
@@ -83,7 +81,7 @@ class EtaEstimator:
             raise ValueError(f"progress update needs finite t and 0 <= fraction <= 1, "
                              f"got t={t!r} fraction={fraction!r}")
         if self._start is None:
-            self._start = self._last_t = self._since = self._stage_t0 = t
+            self._start = self._last_t = self._since = t
             self._start_fraction = self._fraction = self._stage_f0 = fraction
             self._stage = stage
             self._points.append((t, fraction))
@@ -118,12 +116,11 @@ class EtaEstimator:
 
     def _enter(self, stage: str, t: float, fraction: float) -> None:
         if self._stage is not None:
-            self._spent[self._stage] = self._spent.get(self._stage, 0.0) + t - self._stage_t0
             self._gained[self._stage] = (
                 self._gained.get(self._stage, 0.0) + fraction - self._stage_f0
             )
         self._stage = stage
-        self._stage_t0 = self._since = t
+        self._since = t
         self._stage_f0 = fraction
         self._ticks = 0
         self._points.clear()
