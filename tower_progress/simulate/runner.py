@@ -1,0 +1,63 @@
+"""``tower-progress simulate``: a fake ComfyUI on host:port, plus a job producer with a DSN."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from tower_progress.simulate.producer import Producer
+from tower_progress.simulate.server import FakeComfyUI
+
+_LOG = logging.getLogger(__name__)
+
+
+async def run_simulator(
+    stop: asyncio.Event,
+    *,
+    host: str,
+    port: int,
+    speed: float,
+    dsn: str | None,
+    jobs_interval: float,
+    jobs_table: str = "public.production_jobs",
+) -> None:
+    """Serve ``FakeComfyUI`` (and run a ``Producer`` when ``dsn`` is given) until ``stop``.
+
+    The producer writes to ``jobs_table``, which must exist with the reference columns
+    (``sql/reference/production_jobs.sql``). If the producer stops with an error, everything
+    is shut down and the error is raised. ``stop`` may be passed by position or keyword.
+    """
+    sim = FakeComfyUI(speed=speed)
+    runner = web.AppRunner(sim.app, access_log=None)
+    await runner.setup()
+    producer: Producer | None = None
+    producing: asyncio.Task[None] | None = None
+    try:
+        await web.TCPSite(runner, host, port).start()
+        bound = runner.addresses[0]
+        url = f"http://{host if ':' not in host else f'[{host}]'}:{bound[1]}"
+        _LOG.info("fake ComfyUI listening on %s (speed %g)", url, speed)
+        waiting: set[asyncio.Task[Any]] = {asyncio.create_task(stop.wait(), name="simulator-stop")}
+        if dsn is not None:
+            producer = Producer(dsn=dsn, comfyui_url=url, table=jobs_table)
+            producing = asyncio.create_task(
+                producer.run(interval=jobs_interval), name="simulator-producer"
+            )
+            waiting.add(producing)
+        done, pending = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if producing is not None and producing in done:
+            producing.result()
+    finally:
+        if producer is not None:
+            await producer.close()
+        await sim.close()
+        await runner.cleanup()
+        _LOG.info("fake ComfyUI stopped")
