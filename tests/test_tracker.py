@@ -28,6 +28,7 @@ from tower_progress.core.model import (
 )
 from tower_progress.core.status import StatusMap
 from tower_progress.core.tracker import InstanceConfig, Tracker, TrackerConfig
+from tower_progress.core.workflow import Workflow
 
 T0 = 1_800_000_000.0
 GRAPH: dict[str, Any] = {
@@ -302,3 +303,39 @@ def test_visibility_from_the_queue_item(client_id: str | None, visibility: str) 
     job = tracker.job("comfy:p1")
     assert job is not None
     assert job["visibility"] == visibility
+
+
+def test_wall_clock_stepping_back_never_raises_and_keeps_progress() -> None:
+    tracker = Tracker()
+    tracker.apply(queue(["p1"], []), T0)
+    t = run_steps(tracker, "p1", 3, T0)
+    tracker.apply(msg("progress", value=4, max=10, node="3", prompt_id="p1"), t - 60)
+    job = tracker.job("comfy:p1")
+    assert job is not None
+    assert job["step"] == 4
+
+
+def test_queued_job_eta_comes_from_the_workflow_prior() -> None:
+    fingerprint = Workflow.from_graph(GRAPH).fingerprint
+    runs = [
+        {"loading": 2.0, "sampling": 20.0, "decoding": 3.0},
+        {"loading": 4.0, "sampling": 30.0, "decoding": 5.0},
+        {"sampling": 25.0, "decoding": 4.0},
+    ]
+    tracker = Tracker(priors={fingerprint: runs})
+    tracker.apply(queue([], ["p1", "p2"]), T0)
+    first, second = tracker.job("comfy:p1"), tracker.job("comfy:p2")
+    assert first is not None and second is not None
+    assert first["eta_s"] == 2.0 + 25.0 + 4.0
+    assert second["eta_s"] == 2 * (2.0 + 25.0 + 4.0)
+
+
+def test_unusable_history_is_ignored_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    fingerprint = Workflow.from_graph(GRAPH).fingerprint
+    tracker = Tracker(priors={fingerprint: [{"sampling": -5.0}]})
+    with caplog.at_level(logging.WARNING):
+        tracker.apply(queue([], ["p1"]), T0)
+    job = tracker.job("comfy:p1")
+    assert job is not None
+    assert job["eta_s"] is None
+    assert "ignoring unusable history" in caplog.text

@@ -78,8 +78,10 @@ class EtaEstimator:
         earlier than the last update.
         """
         if not math.isfinite(t) or not math.isfinite(fraction) or not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"progress update needs finite t and 0 <= fraction <= 1, "
-                             f"got t={t!r} fraction={fraction!r}")
+            raise ValueError(
+                f"progress update needs finite t and 0 <= fraction <= 1, "
+                f"got t={t!r} fraction={fraction!r}"
+            )
         if self._start is None:
             self._start = self._last_t = self._since = t
             self._start_fraction = self._fraction = self._stage_f0 = fraction

@@ -7,7 +7,7 @@ never replaced, and a late ``progress`` after ``/history`` reported the end chan
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ from tower_progress.core.model import JobState, Stage, Visibility
 from tower_progress.core.stages import DEFAULT_WEIGHTS
 from tower_progress.core.workflow import Workflow
 
+PriorLookup = Callable[[str], Mapping[str, float] | None]
 _VELOCITY_POINTS = 12
 _TIMED_STAGES = (
     Stage.LOADING,
@@ -86,6 +87,7 @@ class Prompt:
     outputs: dict[str, Any] = field(default_factory=dict)
     error: dict[str, Any] | None = None
     eta: EtaEstimator | None = None
+    eta_t: float = 0.0
     prior: Mapping[str, float] | None = None
     last_progress: float | None = None
     progress_gaps: deque[float] = field(default_factory=lambda: deque(maxlen=_VELOCITY_POINTS))
@@ -101,11 +103,12 @@ class Prompt:
 
     # --- inputs ---------------------------------------------------------------------------
 
-    def set_graph(self, graph: Any, prior: Mapping[str, float] | None, now: float) -> None:
-        """Learn the workflow (once); re-stage a node that started before it was known."""
+    def set_graph(self, graph: Any, priors: PriorLookup, now: float) -> None:
+        """Learn the workflow (once) and its prior; re-stage a node that started before."""
         if self.workflow is not None or not isinstance(graph, Mapping) or not graph:
             return
         self.workflow = Workflow.from_graph(graph)
+        prior = priors(self.workflow.fingerprint)
         self.prior = prior
         self.weights = self.workflow.weights(prior)
         spec = self.workflow.nodes.get(self.current_node) if self.current_node else None
@@ -115,6 +118,9 @@ class Prompt:
             if spec.stage is Stage.SAMPLING and value > 0:
                 self.step, self.steps = int(value), int(maximum)
         self._refresh_fraction()
+        if self.eta is not None and prior:
+            self.eta = EtaEstimator(prior)
+            self._feed_eta(now)
 
     def mark_running(self, now: float, started_at: float | None = None) -> None:
         if self.state.terminal:
@@ -128,7 +134,7 @@ class Prompt:
                     Stage.PROCESSING if self.visibility is Visibility.COARSE else Stage.LOADING, now
                 )
             self.eta = EtaEstimator(self.prior)
-            self.eta.update(now, self.fraction, None)
+            self._feed_eta(now)
         elif started_at is not None:
             self.started_at = started_at
 
@@ -161,6 +167,7 @@ class Prompt:
         else:
             self._enter_node(node, now)
         self._refresh_fraction()
+        self._feed_eta(now)
 
     def cached(self, nodes: Any) -> None:
         if not isinstance(nodes, list):
@@ -171,6 +178,7 @@ class Prompt:
                 self.cached_nodes.append(node_id)
             self.done_nodes.add(node_id)
         self._refresh_fraction()
+        self._feed_eta(self.eta_t)
 
     def progress(self, node: str | None, value: float, maximum: float, now: float) -> None:
         if self.state.terminal or maximum <= 0:
@@ -201,8 +209,7 @@ class Prompt:
             self.decoded_frames = int(value)
             self.frame_points.append((now, value))
         self._refresh_fraction()
-        if self.eta is not None:
-            self.eta.update(now, self.fraction, self.stage.value)
+        self._feed_eta(now)
 
     def progress_state(self, nodes: Any, now: float) -> None:
         if self.state.terminal or not isinstance(nodes, Mapping):
@@ -245,13 +252,11 @@ class Prompt:
         }
         return self.finish(state, now, _ms(data.get("timestamp")))
 
-    def history(
-        self, entry: Mapping[str, Any], prior: Mapping[str, float] | None, now: float
-    ) -> None:
+    def history(self, entry: Mapping[str, Any], priors: PriorLookup, now: float) -> None:
         """Fold a /history entry: the authoritative outcome, outputs and timings."""
         prompt = entry.get("prompt")
         if isinstance(prompt, list) and len(prompt) > 2:
-            self.set_graph(prompt[2], prior, now)
+            self.set_graph(prompt[2], priors, now)
         outputs = entry.get("outputs")
         if isinstance(outputs, Mapping):
             for node_id, output in outputs.items():
@@ -304,7 +309,7 @@ class Prompt:
     def remaining(self, now: float) -> float | None:
         if self.state is not JobState.RUNNING or self.eta is None:
             return None
-        remaining = self.eta.remaining(now)
+        remaining = self.eta.remaining(max(now, self.eta_t))
         return max(0.0, remaining) if remaining is not None else None
 
     def expected_gap(self) -> float | None:
@@ -337,6 +342,15 @@ class Prompt:
         return [name for output in self.outputs.values() for name in output_files(output)]
 
     # --- internals ------------------------------------------------------------------------
+
+    def _feed_eta(self, now: float) -> None:
+        """Tell the estimator where the job is; time is clamped so a wall clock stepped back
+        (NTP) is read as no time passing rather than an error."""
+        if self.eta is None or self.state.terminal:
+            return
+        self.eta_t = max(self.eta_t, now)
+        stage = self.stage.value if self.stage in _TIMED_STAGES else None
+        self.eta.update(self.eta_t, self.fraction, stage)
 
     def _frames_total(self) -> int | None:
         return self.workflow.frames_total if self.workflow else None

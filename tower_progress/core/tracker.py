@@ -40,7 +40,6 @@ from tower_progress.core.model import (
 )
 from tower_progress.core.prompt import Prompt
 from tower_progress.core.status import StatusMap
-from tower_progress.core.workflow import Workflow
 
 log = logging.getLogger(__name__)
 
@@ -240,9 +239,16 @@ class Tracker:
     def _instance_config(self, instance: str) -> InstanceConfig:
         return self._config.instances.get(instance, InstanceConfig())
 
-    def _prior(self, graph: Any) -> Mapping[str, float] | None:
-        runs = self._runs.get(Workflow.from_graph(graph).fingerprint)
-        return stage_prior(runs) if runs else None
+    def _prior(self, fingerprint: str) -> Mapping[str, float] | None:
+        runs = self._runs.get(fingerprint)
+        if not runs:
+            return None
+        try:
+            return stage_prior(runs)
+        except ValueError as exc:
+            log.warning("workflow %s: ignoring unusable history (%s)", fingerprint, exc)
+            self._runs.pop(fingerprint)
+            return None
 
     def _message(self, obs: ComfyMessage, now: float) -> list[str]:
         message = obs.message
@@ -337,14 +343,12 @@ class Tracker:
                     prompt.visibility = Visibility.FULL
                 elif item.client_id is None:
                     prompt.visibility = Visibility.PARTIAL
-            prompt.set_graph(item.graph, self._prior(item.graph), now)
+            prompt.set_graph(item.graph, self._prior, now)
 
     def _history(self, obs: HistoryEntry, now: float) -> list[str]:
         if obs.entry is not None:
             found = self._prompt(obs.instance, obs.prompt_id, now)
-            graph = obs.entry.get("prompt")
-            graph = graph[2] if isinstance(graph, list) and len(graph) > 2 else None
-            found.history(obs.entry, self._prior(graph) if graph else None, now)
+            found.history(obs.entry, self._prior, now)
             return [self._prompt_job[obs.prompt_id]]
         prompt = self._prompts.get(obs.prompt_id)
         inst = self._instances.get(obs.instance)
