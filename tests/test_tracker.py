@@ -339,3 +339,13 @@ def test_unusable_history_is_ignored_not_fatal(caplog: pytest.LogCaptureFixture)
     assert job is not None
     assert job["eta_s"] is None
     assert "ignoring unusable history" in caplog.text
+
+
+def test_node_start_marker_is_not_a_sampler_step() -> None:
+    tracker = Tracker()
+    tracker.apply(queue(["p1"], []), T0)
+    node = {"value": 0.0, "max": 1.0, "state": "running", "node_id": "3", "display_node_id": "3"}
+    tracker.apply(msg("progress_state", prompt_id="p1", nodes={"3": node}), T0 + 1)
+    job = tracker.job("comfy:p1")
+    assert job is not None
+    assert (job["stage"], job["step"], job["steps"]) == ("sampling", None, None)

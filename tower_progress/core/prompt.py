@@ -19,6 +19,8 @@ from tower_progress.core.workflow import Workflow
 
 PriorLookup = Callable[[str], Mapping[str, float] | None]
 _VELOCITY_POINTS = 12
+# progress_state marks every node that starts as value 0 of max 1: not a sampler step.
+_NODE_STARTED = (0.0, 1.0)
 _TIMED_STAGES = (
     Stage.LOADING,
     Stage.PREPARING,
@@ -200,7 +202,7 @@ class Prompt:
             self.progress_gaps.append(now - self.last_progress)
         self.last_progress = now
         stage = self._node_stage(node, maximum)
-        if stage is Stage.SAMPLING:
+        if stage is Stage.SAMPLING and (value, maximum) != _NODE_STARTED:
             if previous is not None and maximum != previous[1]:
                 self.step_points.clear()
             self.step, self.steps = int(value), int(maximum)
