@@ -33,6 +33,7 @@ from tower_progress.core.model import (
 from tower_progress.core.status import StatusMap
 from tower_progress.core.tracker import InstanceConfig, Tracker, TrackerConfig
 from tower_progress.sdnotify import Notifier, watchdog_loop
+from tower_progress.simulate.runner import run_simulator
 from tower_progress.sources.comfyui import ComfyError, ComfySource
 from tower_progress.sources.database import (
     EmbeddedPostgres,
@@ -330,8 +331,6 @@ def _port_of(instance: ComfyInstance) -> int | None:
 def _simulator(
     simulation: Simulation, dsn: str, jobs_table: str
 ) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
-    from tower_progress.simulate.runner import run_simulator
-
     return functools.partial(
         run_simulator,
         host="127.0.0.1",
