@@ -349,3 +349,142 @@ def test_node_start_marker_is_not_a_sampler_step() -> None:
     job = tracker.job("comfy:p1")
     assert job is not None
     assert (job["stage"], job["step"], job["steps"]) == ("sampling", None, None)
+
+
+def test_older_comfyui_without_progress_state_or_success() -> None:
+    """Pre-2024 servers: executing per node, no progress_state, no execution_success."""
+    tracker = Tracker()
+    tracker.apply(queue(["p1"], []), T0)
+    tracker.apply(msg("execution_start", prompt_id="p1", timestamp=-5), T0)
+    for i, node_id in enumerate(["4", "5", "3", "8"]):
+        tracker.apply(msg("executing", node=node_id, prompt_id="p1"), T0 + i)
+    job = tracker.job("comfy:p1")
+    assert job is not None
+    assert (job["stage"], job["node"]["class_type"]) == ("decoding", "VAEDecode")
+    assert job["percent"] == pytest.approx(100 * (0.10 + 0.05 + 0.60), abs=0.1)
+    tracker.apply(msg("executing", node=None, prompt_id="p1"), T0 + 5)
+    entry = {"outputs": {}, "status": {"status_str": "success", "completed": True}}
+    tracker.apply(HistoryEntry("local", "p1", entry), T0 + 6)
+    job = tracker.job("comfy:p1")
+    assert job is not None
+    assert (job["state"], job["started_at"]) == ("completed", "2027-01-15T08:00:00.000Z")
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        {"type": "execution_cached", "data": {"nodes": "4", "prompt_id": "p1"}},
+        {"type": "progress", "data": {"value": 1, "max": 10, "prompt_id": "p1"}},
+        {"type": "progress", "data": {"value": "1", "max": 10, "prompt_id": "p1", "node": "3"}},
+        {"type": "progress_state", "data": {"prompt_id": "p1", "nodes": {"3": "junk"}}},
+        {"type": "progress_state", "data": {"prompt_id": "p1", "nodes": []}},
+        {"type": "executed", "data": {"prompt_id": "p1", "output": {"images": []}}},
+        {"type": "executed", "data": {"prompt_id": "p1", "node": "9", "output": "junk"}},
+        {"type": "executing", "data": {"node": True, "prompt_id": "p1"}},
+        {"type": "status", "data": "junk"},
+        {"type": 7, "data": {}},
+        {"type": "mystery", "data": {"prompt_id": "p1"}},
+        {"type": "progress", "data": {"value": 1, "max": 10}},
+    ],
+)
+def test_garbage_messages_change_nothing(garbage: dict[str, Any]) -> None:
+    tracker = Tracker()
+    tracker.apply(queue(["p1"], []), T0)
+    before = tracker.job("comfy:p1")
+    tracker.apply(ComfyMessage("local", garbage), T0 + 1)
+    after = tracker.job("comfy:p1")
+    assert before is not None and after is not None
+    assert (after["state"], after["percent"], after["step"], after["outputs"]) == (
+        before["state"],
+        before["percent"],
+        before["step"],
+        before["outputs"],
+    )
+
+
+def test_history_with_garbage_messages_and_error_status() -> None:
+    tracker = Tracker()
+    tracker.apply(queue(["p1"], []), T0)
+    entry = {
+        "prompt": "junk",
+        "outputs": "junk",
+        "status": {"status_str": "error", "messages": ["junk", ["a", "b"], ["x", {}]]},
+    }
+    tracker.apply(HistoryEntry("local", "p1", entry), T0 + 1)
+    job = tracker.job("comfy:p1")
+    assert job is not None
+    assert job["state"] == "failed"
+    assert job["error"] == {
+        "message": "Execution failed",
+        "node_id": None,
+        "node_type": None,
+        "exception_type": None,
+    }
+
+
+def test_history_absent_while_still_queued_changes_nothing() -> None:
+    tracker = Tracker()
+    tracker.apply(queue([], ["p1"]), T0)
+    assert tracker.apply(HistoryEntry("local", "p1", None), T0 + 1) == []
+    assert tracker.apply(HistoryEntry("other", "p9", None), T0 + 1) == []
+
+
+def test_cancel_target_and_unresolved_row_prompts() -> None:
+    tracker = Tracker()
+    tracker.apply(JobRow("1", "queued", prompt_id="p1"), T0)
+    tracker.apply(JobRow("2", "pending"), T0)
+    assert tracker.prompt_target("1") is None
+    assert tracker.prompt_target("nope") is None
+    assert tracker.unresolved_prompts("local", T0) == []
+    tracker.apply(queue([], ["p2"]), T0)
+    assert tracker.unresolved_prompts("local", T0) == ["p1"]
+    assert tracker.unresolved_prompts("elsewhere", T0) == []
+    assert tracker.prompt_target("comfy:p2") == ("local", "p2", JobState.QUEUED)
+    assert tracker.has_active_prompts("local") is True
+    assert tracker.has_active_prompts("elsewhere") is False
+
+
+def test_row_resubmitted_with_a_new_prompt_relinks() -> None:
+    tracker = Tracker()
+    tracker.apply(queue([], ["p1", "p2"]), T0)
+    tracker.apply(JobRow("1", "queued", prompt_id="p1"), T0)
+    events = tracker.apply(JobRow("1", "queued", prompt_id="p2"), T0 + 1)
+    assert JobRemoved("comfy:p2") in events
+    tracker.apply(queue([], ["p1", "p2"]), T0 + 2)
+    assert {j["id"] for j in tracker.jobs()} == {"1", "comfy:p1"}
+
+
+def test_row_jobs_go_stale_while_the_database_is_down() -> None:
+    tracker = Tracker()
+    tracker.apply(JobRow("1", "pending"), T0)
+    tracker.apply(SourceStatus("database", False, "gone"), T0 + 1)
+    job = tracker.job("1")
+    assert job is not None
+    assert job["stale"] is True
+
+
+def test_queued_eta_unknown_while_running_job_has_no_estimate() -> None:
+    tracker = Tracker()
+    tracker.apply(queue([], ["p0"]), T0)
+    tracker.apply(HistoryEntry("local", "p0", history("p0").entry), T0 + 10)
+    tracker.apply(queue(["p1"], ["p2"]), T0 + 11)
+    job = tracker.job("comfy:p2")
+    assert job is not None
+    assert job["eta_s"] is None
+
+
+def test_pruned_finished_prompt_jobs_release_their_prompts() -> None:
+    tracker = Tracker(TrackerConfig(finished_cap=10))
+    for i in range(11):
+        tracker.apply(queue([f"p{i}"], []), T0 + i)
+        tracker.apply(history(f"p{i}"), T0 + i)
+    assert tracker.job("comfy:p0") is None
+    assert len(tracker.jobs()) == 10
+    tracker.apply(JobRow("r", "queued", prompt_id="p5"), T0 + 20)
+    tracker.apply(RowDeleted("r"), T0 + 21)
+    assert tracker.job("comfy:p5") is None
+
+
+def test_terminal_statuses_for_the_database() -> None:
+    statuses = StatusMap({"Shipped": JobState.COMPLETED}).terminal_statuses()
+    assert "shipped" in statuses and "done" in statuses and "processing" not in statuses

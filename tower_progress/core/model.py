@@ -26,10 +26,6 @@ class JobState(StrEnum):
     def terminal(self) -> bool:
         return self in _TERMINAL
 
-    @property
-    def active(self) -> bool:
-        return not self.terminal
-
 
 _TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELED, JobState.LOST})
 

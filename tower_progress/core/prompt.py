@@ -367,8 +367,6 @@ class Prompt:
         self.current_node = node
         spec = self.workflow.nodes.get(node) if self.workflow else None
         stage = spec.stage if spec else self.stage
-        if stage in (Stage.QUEUED, Stage.PENDING):
-            stage = Stage.PROCESSING
         self.progress_gaps.clear()
         self.last_progress = now
         if stage is not Stage.SAMPLING:

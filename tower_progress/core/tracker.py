@@ -128,9 +128,6 @@ class Tracker:
     def sources(self) -> dict[str, JsonDict]:
         return dict(self._sources)
 
-    def resources_sample(self) -> ResourceSample | None:
-        return self._resources
-
     def prompt_target(self, job_id: str) -> tuple[str, str, JobState] | None:
         """(instance, prompt_id, ComfyUI-side state) of a job's prompt, for cancel."""
         job = self._jobs.get(job_id)
@@ -275,7 +272,15 @@ class Tracker:
         elif prompt.visibility is Visibility.COARSE and kind in ("progress", "progress_state"):
             prompt.visibility = Visibility.PARTIAL
         node = data.get("node")
-        node = str(node) if isinstance(node, str | int) and not isinstance(node, bool) else None
+        if node is not None and (isinstance(node, bool) or not isinstance(node, str | int)):
+            log.warning(
+                "comfyui %s: %s with a node id of type %s ignored",
+                obs.instance,
+                kind,
+                type(node).__name__,
+            )
+            return []
+        node = None if node is None else str(node)
         if kind == "execution_start":
             inst.running = prompt_id
             prompt.mark_running(now, _ms(data.get("timestamp")))
@@ -381,16 +386,10 @@ class Tracker:
             inst.up = status.up
         return [j.id for j in self._jobs.values() if j.final is None]
 
-    def source_up(self, name: str) -> bool:
-        source = self._sources.get(name)
-        return bool(source and source["up"])
-
     # --- emission --------------------------------------------------------------------------
 
     def _emit(self, job_id: str, now: float, events: list[Event]) -> None:
-        job = self._jobs.get(job_id)
-        if job is None:
-            return
+        job = self._jobs[job_id]
         prompt = self._prompts.get(job.prompt_id) if job.prompt_id else None
         state = job.final or self._state(job, prompt)
         stalled = self._stalled(prompt, state, now)

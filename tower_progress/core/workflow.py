@@ -85,9 +85,6 @@ class Workflow:
         digest = hashlib.sha256(json.dumps(sorted(cost)).encode()).hexdigest()[:16]
         return cls(nodes=nodes, frames_total=frames_total(graph), fingerprint=digest)
 
-    def stages(self) -> set[Stage]:
-        return {spec.stage for spec in self.nodes.values()}
-
     def weights(self, stage_seconds: Mapping[str, float] | None = None) -> dict[str, float]:
         """Each node's share of the whole job, summing to 1 over the graph's nodes.
 

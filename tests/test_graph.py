@@ -1,0 +1,159 @@
+"""Stage table, frame counting and workflow weights over plain graphs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tower_progress.core.frames import frames_in_output, frames_total, output_files, resolve_int
+from tower_progress.core.model import Stage
+from tower_progress.core.stages import stage_of
+from tower_progress.core.workflow import Workflow
+
+
+@pytest.mark.parametrize(
+    ("class_type", "stage"),
+    [
+        ("CheckpointLoaderSimple", Stage.LOADING),
+        ("ADE_AnimateDiffLoaderWithContext", Stage.LOADING),
+        ("MyCustomModelLoader", Stage.LOADING),
+        ("CLIPTextEncode", Stage.PREPARING),
+        ("SomePackTextEncodeXL", Stage.PREPARING),
+        ("EmptyHunyuanLatentVideo", Stage.PREPARING),
+        ("EmptyFancyLatent", Stage.PREPARING),
+        ("KSamplerSelect", Stage.PREPARING),
+        ("KSampler", Stage.SAMPLING),
+        ("KSamplerAdvanced", Stage.SAMPLING),
+        ("SamplerCustomAdvanced", Stage.SAMPLING),
+        ("WanVideoSampler", Stage.SAMPLING),
+        ("KSamplerEfficient", Stage.SAMPLING),
+        ("VAEDecodeTiled", Stage.DECODING),
+        ("HyVideoDecode", Stage.DECODING),
+        ("MyVideoDecodeFast", Stage.DECODING),
+        ("VHS_VideoCombine", Stage.ENCODING),
+        ("SaveAnimatedWEBP", Stage.ENCODING),
+        ("SaveVideo", Stage.ENCODING),
+        ("SaveSomethingElse", Stage.ENCODING),
+        ("FancyVideoCombineV2", Stage.ENCODING),
+        ("ImageBlur", Stage.PROCESSING),
+        ("UnknownNode123", Stage.PROCESSING),
+    ],
+)
+def test_stage_table(class_type: str, stage: Stage) -> None:
+    assert stage_of(class_type) is stage
+
+
+def node(class_type: str, **inputs: Any) -> dict[str, Any]:
+    return {"class_type": class_type, "inputs": inputs}
+
+
+@pytest.mark.parametrize(
+    ("graph", "frames"),
+    [
+        ({"5": node("EmptyLatentImage", batch_size=16)}, 16),
+        ({"5": node("EmptyHunyuanLatentVideo", length=121, batch_size=1)}, 121),
+        ({"5": node("EmptyHunyuanLatentVideo", length=120, batch_size=2)}, 234),
+        ({"5": node("EmptyLTXVLatentVideo", length=97)}, 97),
+        ({"5": node("EmptyMochiLatentVideo", length=30)}, 25),
+        ({"5": node("WanVideoEmptyEmbeds", num_frames=81)}, 81),
+        ({"5": node("MyVideoLatent", frame_count=48)}, 48),
+        ({"5": node("ImageBlur", length=48)}, None),
+        (
+            {
+                "5": node("EmptyLatentImage", batch_size=["7", 0]),
+                "7": node("PrimitiveInt", value=4),
+            },
+            4,
+        ),
+        ({"5": node("EmptyLatentImage", batch_size=["7", 0]), "7": node("Broken")}, None),
+        ({"5": node("EmptyLatentImage", batch_size=0)}, None),
+        ({"5": node("EmptyLatentImage", batch_size=10**9)}, None),
+        ({"5": node("EmptyLatentImage", batch_size=True)}, None),
+        ({"5": node("EmptyLatentImage", batch_size=8.0)}, 8),
+        ({"5": "not a node", "6": {"class_type": 3}}, None),
+        (
+            {
+                "5": node("EmptyLatentImage", batch_size=2),
+                "6": node("EmptyLatentImage", batch_size=3),
+            },
+            3,
+        ),
+    ],
+)
+def test_frames_total(graph: dict[str, Any], frames: int | None) -> None:
+    assert frames_total(graph) == frames
+
+
+def test_link_cycles_are_bounded() -> None:
+    graph = {"1": node("PrimitiveInt", value=["2", 0]), "2": node("PrimitiveInt", value=["1", 0])}
+    assert resolve_int(graph, ["1", 0]) is None
+
+
+@pytest.mark.parametrize(
+    ("output", "per_video", "frames"),
+    [
+        ({"images": [{"filename": "a.png", "type": "output"}] * 3}, 16, 3),
+        ({"images": [{"filename": "a.webp", "type": "output"}], "animated": [True]}, 16, 16),
+        ({"images": [{"filename": "a.webp", "type": "output"}], "animated": [True]}, None, None),
+        ({"gifs": [{"filename": "v.mp4", "type": "output"}]}, 81, 81),
+        ({"images": [{"filename": "p.png", "type": "temp"}]}, 16, None),
+        ({"images": "nonsense"}, 16, None),
+        ({"text": ["hello"]}, 16, None),
+        (None, 16, None),
+    ],
+)
+def test_frames_in_output(output: Any, per_video: int | None, frames: int | None) -> None:
+    assert frames_in_output(output, per_video) == frames
+
+
+def test_output_files_skip_previews_and_garbage() -> None:
+    output = {
+        "images": [{"filename": "a.png", "type": "output"}, {"filename": "t.png", "type": "temp"}],
+        "gifs": [{"filename": "v.mp4", "type": "output"}, "junk"],
+    }
+    assert output_files(output) == ["a.png", "v.mp4"]
+    assert output_files("junk") == []
+
+
+TWO_PASS = {
+    "4": node("CheckpointLoaderSimple", ckpt_name="sdxl.safetensors"),
+    "5": node("EmptyLatentImage", batch_size=1, width=1024, height=1024),
+    "10": node("KSamplerAdvanced", steps=30, end_at_step=24),
+    "11": node("KSamplerAdvanced", steps=10),
+    "8": node("VAEDecode"),
+    "9": node("SaveImage"),
+    "bad": {"inputs": {}},
+}
+
+
+def test_two_pass_sampling_is_one_job_split_by_steps() -> None:
+    workflow = Workflow.from_graph(TWO_PASS)
+    weights = workflow.weights()
+    assert set(weights) == {"4", "5", "10", "11", "8", "9"}
+    assert sum(weights.values()) == pytest.approx(1.0)
+    assert weights["10"] == pytest.approx(0.60 * 30 / 40)
+    assert weights["11"] == pytest.approx(0.60 * 10 / 40)
+    assert weights["4"] == pytest.approx(0.10)
+
+
+def test_prior_replaces_default_shares() -> None:
+    workflow = Workflow.from_graph(TWO_PASS)
+    weights = workflow.weights({"loading": 0.0, "sampling": 80.0, "decoding": 20.0})
+    assert weights["4"] == 0.0
+    assert weights["10"] + weights["11"] == pytest.approx(0.8)
+    assert weights["8"] == pytest.approx(0.2)
+
+
+def test_fingerprint_follows_cost_not_seed_or_prompt_text() -> None:
+    base = Workflow.from_graph(TWO_PASS).fingerprint
+    reseeded = {**TWO_PASS, "10": node("KSamplerAdvanced", steps=30, end_at_step=24, seed=9)}
+    more_steps = {**TWO_PASS, "11": node("KSamplerAdvanced", steps=20)}
+    assert Workflow.from_graph(reseeded).fingerprint == base
+    assert Workflow.from_graph(more_steps).fingerprint != base
+
+
+def test_sampler_with_invalid_steps_has_none() -> None:
+    workflow = Workflow.from_graph({"3": node("KSampler", steps=0), "x": "junk"})
+    assert workflow.nodes["3"].steps is None
+    assert Workflow.from_graph("not a graph").nodes == {}
