@@ -172,9 +172,8 @@ function parseSamples(body) {
   return points;
 }
 
-/** The sample in a resources message: nested under `resources`, or flat beside `type`. */
+/** The sample in a resources message: its fields sit beside `type` and `seq` (DESIGN §6). */
 function resourcesOf(msg) {
-  if (msg.resources && typeof msg.resources === "object") return msg.resources;
   const { type: _type, seq: _seq, ...flat } = msg;
   return flat;
 }
