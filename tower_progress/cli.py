@@ -83,8 +83,13 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     simulation = (
         daemon.Simulation(port=args.sim_port, speed=args.sim_speed) if args.simulate else None
     )
-    logging.getLogger("tower_progress").info("settings: %s", settings.redacted())
-    return asyncio.run(daemon.run(settings, simulation=simulation))
+    log = logging.getLogger("tower_progress")
+    log.info("settings: %s", settings.redacted())
+    try:
+        return asyncio.run(daemon.run(settings, simulation=simulation))
+    except daemon.StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -109,14 +114,18 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _migrate(settings: Settings) -> int:
-    from tower_progress.daemon import open_database
+    from tower_progress.daemon import StartupError, open_database
 
     async def go() -> None:
         async with open_database(settings) as (dsn, applied):
             print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
             print(f"database: {dsn.split('@')[-1]}")
 
-    asyncio.run(go())
+    try:
+        asyncio.run(go())
+    except StartupError as exc:
+        print(f"migrate failed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

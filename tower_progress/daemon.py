@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import asyncpg
+
 from tower_progress.config import ComfyInstance, Settings
 from tower_progress.core.model import (
     Event,
@@ -37,11 +39,14 @@ from tower_progress.simulate.runner import run_simulator
 from tower_progress.sources.comfyui import ComfyError, ComfySource
 from tower_progress.sources.database import (
     EmbeddedPostgres,
+    EmbeddedPostgresError,
     History,
     JobTableListener,
+    MigrationError,
     WriteBack,
     migrate,
 )
+from tower_progress.sources.db_retry import describe
 from tower_progress.sources.resources import ResourceSampler
 from tower_progress.web.app import create_app, default_allowed_hosts, serve
 from tower_progress.web.hub import Hub
@@ -51,6 +56,18 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 SHUTDOWN_GRACE_S = 4.0
+_DATABASE_STARTUP_ERRORS = (
+    EmbeddedPostgresError,
+    MigrationError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
+
+class StartupError(Exception):
+    """The daemon cannot start for a reason the operator must fix (a read-only state
+    directory, an unreachable database, a port in use); ``str()`` is one line naming it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,12 +189,20 @@ async def open_database(
     of its own so demo jobs never mix with real history."""
     embedded: EmbeddedPostgres | None = None
     dsn = settings.database_url
-    if dsn is None:
-        embedded = EmbeddedPostgres()
-        data_dir = Path(settings.state_dir) / ("postgres-simulate" if simulated else "postgres")
-        dsn = await asyncio.to_thread(embedded.start, data_dir)
     try:
+        if dsn is None:
+            embedded = EmbeddedPostgres()
+            data_dir = Path(settings.state_dir) / ("postgres-simulate" if simulated else "postgres")
+            dsn = await asyncio.to_thread(embedded.start, data_dir)
         applied = await migrate(dsn)
+    except _DATABASE_STARTUP_ERRORS as exc:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+        if isinstance(exc, EmbeddedPostgresError):
+            raise StartupError(str(exc)) from exc
+        where = "embedded" if embedded is not None else _without_credentials(dsn or "")
+        raise StartupError(f"database {where}: {describe(exc)}") from exc
+    try:
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
         yield dsn, applied
@@ -186,10 +211,16 @@ async def open_database(
             await asyncio.to_thread(embedded.stop)
 
 
+def _without_credentials(dsn: str) -> str:
+    return dsn.rsplit("@", 1)[-1]
+
+
 async def run(
     settings: Settings, *, stop: asyncio.Event | None = None, simulation: Simulation | None = None
 ) -> int:
-    """Run until SIGTERM/SIGINT or ``stop``; returns the process exit code."""
+    """Run until SIGTERM/SIGINT or ``stop``; returns the process exit code: 0 after a stop,
+    1 when a worker died (so that systemd's ``Restart=on-failure`` restarts the service).
+    Raises ``StartupError`` when the database or the listening socket cannot be set up."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -201,13 +232,13 @@ async def run(
         async with open_database(settings, simulated=simulation is not None) as (dsn, _):
             history = await History.open(dsn, retention_days=settings.history_days)
             try:
-                await _serve(settings, dsn, history, notifier, stop, simulation)
+                healthy = await _serve(settings, dsn, history, notifier, stop, simulation)
             finally:
                 await history.close()
     finally:
         notifier.stopping()
         log.info("tower-progress stopped")
-    return 0
+    return 0 if healthy else 1
 
 
 async def _serve(
@@ -217,7 +248,8 @@ async def _serve(
     notifier: Notifier,
     stop: asyncio.Event,
     simulation: Simulation | None,
-) -> None:
+) -> bool:
+    """Serve until ``stop``; False when a worker died."""
     tracker = Tracker(tracker_config(settings), await history.load_priors())
     hub = Hub(tracker)
     metrics = Metrics()
@@ -279,13 +311,17 @@ async def _serve(
         token=settings.token,
         allowed_hosts=allowed,
     )
-    runner = await serve(app, settings.host, settings.port)
+    try:
+        runner = await serve(app, settings.host, settings.port)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {reason}") from exc
     tasks = [asyncio.create_task(fn(stop), name=name) for name, fn in workers]
     try:
         notifier.ready()
         notifier.status(f"serving http://{settings.host}:{settings.port}")
         log.info("tower-progress serving on http://%s:%d", settings.host, settings.port)
-        await _wait(stop, tasks)
+        return await _wait(stop, tasks)
     finally:
         stop.set()
         await hub.close_all(1001)
@@ -296,17 +332,21 @@ async def _serve(
         await runner.cleanup()
 
 
-async def _wait(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
-    """Return when ``stop`` is set; a worker that dies is logged, never silently lost."""
+async def _wait(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> bool:
+    """Return when ``stop`` is set: True, or False when a worker died (logged, and it stops
+    the daemon: a half-working daemon would look alive to systemd)."""
     stopper = asyncio.create_task(stop.wait())
     pending: set[asyncio.Task[object]] = {stopper, *tasks}
+    healthy = True
     while not stop.is_set():
         done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             if task is not stopper and not task.cancelled() and task.exception() is not None:
                 log.error("worker %s died: %r", task.get_name(), task.exception())
+                healthy = False
                 stop.set()
     stopper.cancel()
+    return healthy
 
 
 def _comfy_source(instance: ComfyInstance, pipeline: Pipeline) -> ComfySource:
