@@ -206,7 +206,7 @@ async def test_seq_is_contiguous_across_events_and_replies() -> None:
 
 
 async def test_slow_reader_ends_with_the_latest_state_and_fewer_messages() -> None:
-    hub = Hub(Picture(), max_buffer=16 * 1024, send_timeout=60.0)
+    hub = Hub(Picture(), max_buffer=16 * 1024, send_timeout=60.0, batch_interval=0)
     filler = "x" * 8000
     async with (
         serving(hub) as url,
@@ -259,7 +259,7 @@ async def test_slow_reader_ends_with_the_latest_state_and_fewer_messages() -> No
 async def test_client_that_stops_reading_is_dropped_while_another_keeps_receiving(
     settings: dict[str, Any], update: Callable[[int], JsonDict], blocked: str, dropped: str
 ) -> None:
-    hub = Hub(Picture(), max_buffer=16 * 1024, **settings)
+    hub = Hub(Picture(), max_buffer=16 * 1024, batch_interval=0, **settings)
     with watch_hub_log(blocked=blocked, dropped=dropped) as log:
         async with (
             serving(hub) as url,

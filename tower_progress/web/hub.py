@@ -1,20 +1,20 @@
 """Websocket fan-out of tracker events to browsers (DESIGN §6).
 
 Every event is serialized once; each client gets the same bytes behind its own
-``{"seq":N,`` prefix. Each client has a bounded queue keyed for coalescing: a newer update of a
-job (or of the resources, or of a source) replaces the pending older one in place, so a client
-that falls behind receives the latest state of everything rather than a backlog.
+``{"seq":N,`` prefix. ``publish`` only serializes and appends to a batch; a flush, at most every
+``batch_interval`` seconds (at once when the last one is older), hands the batch to every
+client and writes each client's frames in a single ``transport.write``. aiohttp's writer costs a
+system call per frame, which at hundreds of clients is the whole CPU budget; a server frame
+(RFC 6455 §5.2) is a 2-10 byte header plus the payload, and with compression off aiohttp's
+writer keeps no per-message state, so the frames are built here. Control frames (ping, pong,
+close) still go through aiohttp; every write is a whole frame, so they interleave safely.
 
-Sending is batched: one callback per event-loop iteration writes every client's pending frames
-in a single ``transport.write``. aiohttp's writer costs a system call per frame, which at
-hundreds of clients is the whole CPU budget; a server frame (RFC 6455 §5.2) is a 2-10 byte
-header plus the payload, and with compression off aiohttp's writer keeps no per-message state,
-so the frames are built here. Control frames (ping, pong, close) still go through aiohttp; every
-write is a whole frame, so they interleave safely.
-
-A client whose socket buffer passes ``max_buffer`` bytes is *blocked*: nothing more is written,
-its queue keeps coalescing, and one task waits for the buffer to drain. Blocked longer than
-``send_timeout``, or more than ``max_queue`` messages pending while blocked, it is disconnected.
+A client whose socket buffer passes ``max_buffer`` bytes is *blocked*: nothing more is written
+and its messages wait in its queue, keyed for coalescing: a newer update of a job (or of the
+resources, or of a source) replaces the pending older one in place, so a client that falls
+behind receives the latest state of everything rather than a backlog. One task waits for the
+buffer to drain. Blocked longer than ``send_timeout``, or with more than ``max_queue`` messages
+pending, the client is disconnected.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import struct
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
@@ -73,8 +74,8 @@ class _Message:
     """One server message, serialized once for every client.
 
     ``body`` is the JSON object without its opening brace. ``key`` is what it coalesces on: a
-    pending message with the same key is replaced; a message that never coalesces is its own
-    key. ``supersedes`` names a pending key that this message makes pointless (a removed job's
+    pending message with the same key is replaced; a message that never coalesces gets a key of
+    its own. ``supersedes`` names a pending key that this message makes pointless (a removed job's
     last update).
     """
 
@@ -89,7 +90,7 @@ class _Message:
         supersedes: Hashable | None = None,
     ) -> None:
         self.body = body
-        self.key: Hashable = self if key is None else key
+        self.key: Hashable = object() if key is None else key
         self.job_id = job_id
         self.supersedes = supersedes
 
@@ -131,8 +132,8 @@ class Hub:
     """Connected websocket clients; ``publish`` fans tracker events out to them.
 
     ``handle`` is the aiohttp handler for ``GET /ws`` (access checks happen before it, in the
-    app). ``publish`` is synchronous and cheap: it serializes and enqueues, and the actual
-    writes happen once per event-loop iteration.
+    app). ``publish`` is synchronous and cheap; ``batch_interval`` bounds how often the clients
+    are written to, trading at most that much latency for one write per client per batch.
     """
 
     def __init__(
@@ -145,6 +146,7 @@ class Hub:
         max_frame: int = 64 * 1024,
         heartbeat: float | None = 30.0,
         close_timeout: float = 2.0,
+        batch_interval: float = 0.02,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         if max_queue < 1:
@@ -156,9 +158,12 @@ class Hub:
         self._max_frame = max_frame
         self._heartbeat = heartbeat
         self._close_timeout = close_timeout
+        self._batch_interval = batch_interval
         self._clock = clock
         self._clients: dict[_Client, None] = {}
+        self._batch: list[_Message] = []
         self._flush_handle: asyncio.Handle | None = None
+        self._last_flush = -math.inf
         self._closing = False
         self._sent = 0
         self._coalesced = 0
@@ -175,30 +180,19 @@ class Hub:
     # --- publishing ---------------------------------------------------------------------------
 
     def publish(self, events: Iterable[Event]) -> None:
-        """Queue the events for every client; ``JobFinished`` is not a client message."""
-        messages = [m for m in map(self._message, events) if m is not None]
-        if not messages or not self._clients:
+        """Queue the events for every client; ``JobFinished`` is not a client message.
+
+        Only serialization happens here; the fan-out to clients runs in the next flush.
+        """
+        if not self._clients:
             return
-        limit = self._max_queue
-        coalesced = 0
-        for client in self._clients:
-            if client.dropped:
-                continue
-            queue = client.queue
-            jobs = client.jobs
-            for m in messages:
-                if jobs is not None and m.job_id is not None and m.job_id not in jobs:
-                    continue
-                if m.supersedes is not None and queue.pop(m.supersedes, None) is not None:
-                    coalesced += 1
-                if m.key in queue:
-                    coalesced += 1
-                elif client.drainer is not None and len(queue) >= limit:
-                    self._drop(client, f"not reading: {limit} messages pending")
-                    break
-                queue[m.key] = m
-        self._coalesced += coalesced
-        self._schedule_flush()
+        batch = self._batch
+        for event in events:
+            message = self._message(event)
+            if message is not None:
+                batch.append(message)
+        if batch:
+            self._schedule_flush()
 
     def _message(self, event: Event) -> _Message | None:
         match event:
@@ -236,26 +230,64 @@ class Hub:
     # --- sending ------------------------------------------------------------------------------
 
     def _schedule_flush(self) -> None:
-        if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+        if self._flush_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._last_flush + self._batch_interval - loop.time()
+        if wait > 0:
+            self._flush_handle = loop.call_later(wait, self._flush)
+        else:
+            self._flush_handle = loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_handle = None
+        """Hand the batch to every client and write what each one can take now."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._last_flush = asyncio.get_running_loop().time()
+        batch = self._batch
+        self._batch = []
         for client in self._clients:
-            if client.queue and client.drainer is None:
-                self._send(client)
+            if client.dropped:
+                continue
+            if client.queue or client.drainer is not None:
+                self._enqueue(client, batch)
+                if client.drainer is None and not client.dropped:
+                    pending = client.queue
+                    client.queue = {}
+                    client.room.set()
+                    self._write(client, pending.values())
+            elif batch:
+                jobs = client.jobs
+                if jobs is None:
+                    self._write(client, batch)
+                else:
+                    self._write(client, [m for m in batch if m.job_id is None or m.job_id in jobs])
 
-    def _send(self, client: _Client) -> None:
-        pending = client.queue
-        client.queue = {}
-        client.room.set()
+    def _enqueue(self, client: _Client, batch: list[_Message]) -> None:
+        """Add to a client's queue, replacing pending messages the new ones make obsolete."""
+        queue = client.queue
+        jobs = client.jobs
+        for m in batch:
+            if jobs is not None and m.job_id is not None and m.job_id not in jobs:
+                continue
+            if m.supersedes is not None and queue.pop(m.supersedes, None) is not None:
+                self._coalesced += 1
+            if m.key in queue:
+                self._coalesced += 1
+            elif client.drainer is not None and len(queue) >= self._max_queue:
+                self._drop(client, f"not reading: {self._max_queue} messages pending")
+                return
+            queue[m.key] = m
+
+    def _write(self, client: _Client, messages: Iterable[_Message]) -> None:
         transport = client.transport
-        if client.dropped or client.ws.closed or transport.is_closing():
+        if client.ws.closed or transport.is_closing():
             return
         seq = client.seq
         parts: list[bytes] = []
         append = parts.append
-        for m in pending.values():
+        for m in messages:
             seq += 1
             prefix = b'{"seq":%d,' % seq
             size = len(prefix) + len(m.body)
@@ -266,9 +298,11 @@ class Hub:
             else:
                 append(_LEN64(_TEXT_FIN, 127, size) + prefix)
             append(m.body)
+        if not parts:
+            return
+        self._sent += seq - client.seq
         client.seq = seq
         transport.write(b"".join(parts))
-        self._sent += len(pending)
         if transport.get_write_buffer_size() > self._max_buffer:
             _LOG.debug("websocket client %s blocked at seq %d", client.peer, seq)
             client.drainer = asyncio.create_task(self._await_drain(client))
@@ -316,11 +350,11 @@ class Hub:
         transport.set_write_buffer_limits(high=self._max_buffer)
         peer = _peer(transport)
         client = _Client(ws, transport, writer, peer)
-        snapshot = self._snapshot()
-        if snapshot is None:
+        if self._batch:
+            self._flush()
+        if not self._enqueue_snapshot(client):
             await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"snapshot failed")
             return ws
-        client.queue[snapshot.key] = snapshot
         self._clients[client] = None
         self._schedule_flush()
         _LOG.debug("websocket client %s connected (%d clients)", peer, len(self._clients))
@@ -334,8 +368,9 @@ class Hub:
             _LOG.debug("websocket client %s left after seq %d", peer, client.seq)
         return ws
 
-    def _snapshot(self) -> _Message | None:
-        return _encode(
+    def _enqueue_snapshot(self, client: _Client) -> bool:
+        """Queue the snapshot as the client's first message; the queue is its only holder."""
+        snapshot = _encode(
             {
                 "type": "snapshot",
                 "jobs": self._state.jobs(),
@@ -344,6 +379,10 @@ class Hub:
                 "server_time": _iso(self._clock()),
             }
         )
+        if snapshot is None:
+            return False
+        client.queue[snapshot.key] = snapshot
+        return True
 
     async def _read(self, client: _Client) -> None:
         async for frame in client.ws:
@@ -394,9 +433,7 @@ class Hub:
     async def close_all(self, code: int = WSCloseCode.GOING_AWAY) -> None:
         """Send what is pending, then close every client; new connections are refused."""
         self._closing = True
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush()
+        self._flush()
         closing = []
         for client in list(self._clients):
             client.room.set()
