@@ -1,0 +1,253 @@
+"""The real ComfySource and Tracker against the simulator's FakeComfyUI on 127.0.0.1.
+
+Each visibility level (DESIGN §5), a ComfyUI restart mid-sampling, interrupts, queue deletes
+and clears, and two instances at once. The simulator runs fast (20 ms sampler steps) and every
+wait is on what the source emitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+from aiohttp import web
+from comfyui_watch import WATCHER_ID, Watch, get, post, running, submit
+
+from tower_progress.core.model import SourceStatus
+from tower_progress.simulate import workflows
+from tower_progress.simulate.server import FakeComfyUI
+from tower_progress.sources.comfyui import ComfySource
+
+OTHER_CLIENT = "someone-elses-browser-tab"
+LONG = 2000  # sampler steps of a prompt the test ends itself (40 s if left alone)
+
+
+@dataclass
+class Served:
+    """A FakeComfyUI served on 127.0.0.1; ``stop`` is what a ComfyUI shutdown looks like."""
+
+    sim: FakeComfyUI
+    runner: web.AppRunner
+    port: int
+    stopped: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            await self.sim.close()
+            await self.runner.cleanup()
+
+
+Start = Callable[..., Awaitable[Served]]
+
+
+@pytest.fixture
+async def comfyui() -> AsyncIterator[Start]:
+    """Starts fast FakeComfyUIs (``await comfyui(seed, port=0)``); all stopped at teardown."""
+    started: list[Served] = []
+
+    async def start(seed: int, port: int = 0) -> Served:
+        sim = FakeComfyUI(seed=seed, step_seconds=0.02, load_seconds=0.05, frame_seconds=0.005)
+        runner = web.AppRunner(sim.app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        served = Served(sim, runner, runner.addresses[0][1])
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        await served.stop()
+
+
+@dataclass
+class Local:
+    watch: Watch
+    server: Served
+    source: ComfySource
+
+
+@pytest.fixture
+async def local(comfyui: Start) -> AsyncIterator[Local]:
+    """One FakeComfyUI, watched by a connected source that feeds a Tracker."""
+    watch = Watch({"local": WATCHER_ID})
+    server = await comfyui(seed=1)
+    source = watch.source("local", server.url)
+    async with running(source):
+        await watch.connected("local")
+        yield Local(watch, server, source)
+
+
+def states(watch: Watch, prompt_id: str) -> list[str]:
+    """The job's distinct states in the order it went through them."""
+    return list(dict.fromkeys(view["state"] for view in watch.history(prompt_id)))
+
+
+@pytest.mark.parametrize(
+    ("client_id", "visibility"),
+    [(WATCHER_ID, "full"), (None, "partial")],
+    ids=["own-client-id", "no-client-id"],
+)
+async def test_sampler_steps_are_seen_with_full_and_partial_visibility(
+    local: Local, client_id: str | None, visibility: str
+) -> None:
+    watch = local.watch
+    prompt_id = await submit(local.server.url, workflows.still(steps=20), client_id)
+    done = await watch.state(prompt_id, "completed")
+    sampling = [v for v in watch.history(prompt_id) if v["step"] is not None]
+    assert [v["step"] for v in sampling] == sorted({v["step"] for v in sampling})
+    assert sampling[-1]["step"] == 20
+    assert {(v["steps"], v["visibility"], v["stage"]) for v in sampling} == {
+        (20, visibility, "sampling")
+    }
+    assert states(watch, prompt_id)[-2:] == ["running", "completed"]
+    assert (done["percent"], done["visibility"], done["instance"]) == (100.0, visibility, "local")
+    assert done["outputs"] == ["still_00001_.png"]
+
+
+async def test_another_clients_prompt_is_seen_coarsely_from_queue_and_history(
+    local: Local,
+) -> None:
+    watch, url = local.watch, local.server.url
+    ahead = await submit(url, workflows.still(steps=40), OTHER_CLIENT)
+    await watch.state(ahead, "running")
+    prompt_id = await submit(url, workflows.still(prefix="coarse"), OTHER_CLIENT)
+    queued = await watch.state(prompt_id, "queued")
+    busy = await watch.state(prompt_id, "running")
+    done = await watch.state(prompt_id, "completed")
+    assert (queued["queue_position"], busy["queue_position"]) == (1, 0)
+    assert busy["stage_label"] == "Running (step detail unavailable)"
+    views = watch.history(prompt_id)
+    assert {v["visibility"] for v in views} == {"coarse"}
+    assert {(v["step"], v["steps"]) for v in views} == {(None, None)}
+    assert states(watch, prompt_id) == ["queued", "running", "completed"]
+    assert (done["outputs"], done["percent"]) == (["coarse_00001_.png"], 100.0)
+    assert done["started_at"] is not None and done["finished_at"] is not None
+
+
+async def test_a_restarted_comfyui_leaves_its_prompts_lost_never_completed(
+    comfyui: Start,
+) -> None:
+    watch = Watch({"local": WATCHER_ID})
+    first = await comfyui(seed=3)
+    async with running(watch.source("local", first.url)):
+        await watch.connected("local")
+        sampling = await submit(first.url, workflows.still(steps=LONG), WATCHER_ID)
+        waiting = await submit(first.url, workflows.still(steps=5), None)
+        await watch.step(sampling, 3)
+        await watch.state(waiting, "queued")
+        await first.stop()
+        outage = await watch.stale(sampling)
+        assert (await watch.stale(waiting))["state"] == "queued"
+        assert (outage["state"], outage["step"] is not None) == ("running", True)
+        restarted = await comfyui(seed=4, port=first.port)
+        assert restarted.port == first.port
+        lost = await watch.state(sampling, "lost")
+        await watch.state(waiting, "lost")
+    assert states(watch, sampling)[-2:] == ["running", "lost"]
+    assert states(watch, waiting) == ["queued", "lost"]
+    assert lost["stale"] is False
+    assert lost["last_seen_at"] is not None
+    ups = [s.up for s in watch.of_type(SourceStatus)]
+    assert ups[:3] == [False, True, False]
+    assert ups[-1] is True
+
+
+@pytest.mark.parametrize(
+    ("client_id", "visibility"),
+    [(WATCHER_ID, "full"), (None, "partial"), (OTHER_CLIENT, "coarse")],
+    ids=["own-client-id", "no-client-id", "other-client-id"],
+)
+async def test_interrupt_through_the_source_cancels_the_running_prompt(
+    local: Local, client_id: str | None, visibility: str
+) -> None:
+    watch, url = local.watch, local.server.url
+    prompt_id = await submit(url, workflows.still(steps=LONG), client_id)
+    await watch.state(prompt_id, "running")
+    assert await local.source.cancel(prompt_id, running=True) == "interrupted"
+    canceled = await watch.state(prompt_id, "canceled")
+    entry = (await get(url, f"/history/{prompt_id}"))[prompt_id]
+    kind, truth = entry["status"]["messages"][-1]
+    assert kind == "execution_interrupted"
+    assert canceled["visibility"] == visibility
+    assert canceled["error"] == {
+        "message": "Interrupted",
+        "node_id": truth["node_id"],
+        "node_type": truth["node_type"],
+        "exception_type": None,
+    }
+    assert states(watch, prompt_id)[-2:] == ["running", "canceled"]
+
+
+async def test_deleting_a_waiting_prompt_cancels_it_and_leaves_the_running_one(
+    local: Local,
+) -> None:
+    watch, url = local.watch, local.server.url
+    ahead = await submit(url, workflows.still(steps=LONG), OTHER_CLIENT)
+    prompt_id = await submit(url, workflows.still(steps=5), WATCHER_ID)
+    await watch.state(ahead, "running")
+    await watch.state(prompt_id, "queued")
+    assert await local.source.cancel(prompt_id, running=False) == "deleted"
+    canceled = await watch.state(prompt_id, "canceled")
+    assert states(watch, prompt_id) == ["queued", "canceled"]
+    assert (canceled["started_at"], canceled["queue_position"]) == (None, None)
+    assert watch.history(ahead)[-1]["state"] == "running"
+    log = local.server.sim.history_log
+    assert [t.event for t in log if t.prompt_id == prompt_id] == ["queued", "deleted"]
+
+
+async def test_clearing_the_queue_cancels_every_waiting_prompt(local: Local) -> None:
+    watch, url = local.watch, local.server.url
+    ahead = await submit(url, workflows.still(steps=LONG), WATCHER_ID)
+    waiting = [
+        await submit(url, workflows.still(steps=5), client)
+        for client in (WATCHER_ID, None, OTHER_CLIENT)
+    ]
+    await watch.state(ahead, "running")
+    for prompt_id in waiting:
+        await watch.state(prompt_id, "queued")
+    await post(url, "/queue", {"clear": True})
+    for prompt_id in waiting:
+        await watch.state(prompt_id, "canceled")
+    assert [states(watch, p) for p in waiting] == [["queued", "canceled"]] * 3
+    assert watch.history(ahead)[-1]["state"] == "running"
+
+
+async def test_two_instances_feed_one_tracker_each_job_naming_its_instance(
+    comfyui: Start,
+) -> None:
+    watch = Watch({"a": WATCHER_ID, "b": WATCHER_ID})
+    server_a, server_b = await comfyui(seed=8), await comfyui(seed=9)
+    async with running(watch.source("a", server_a.url), watch.source("b", server_b.url)):
+        await watch.connected("a", "b")
+        on_a = await submit(server_a.url, workflows.still(steps=10), WATCHER_ID)
+        on_b = await submit(server_b.url, workflows.still(steps=10), None)
+        done_a = await watch.state(on_a, "completed")
+        done_b = await watch.state(on_b, "completed")
+    assert on_a != on_b
+    assert (done_a["instance"], done_a["visibility"]) == ("a", "full")
+    assert (done_b["instance"], done_b["visibility"]) == ("b", "partial")
+    assert {v["instance"] for v in watch.history(on_a)} == {"a"}
+    assert {v["instance"] for v in watch.history(on_b)} == {"b"}
+
+
+async def test_one_instance_down_marks_only_its_own_jobs_stale(comfyui: Start) -> None:
+    watch = Watch({"a": WATCHER_ID, "b": WATCHER_ID})
+    server_a, server_b = await comfyui(seed=10), await comfyui(seed=11)
+    async with running(watch.source("a", server_a.url), watch.source("b", server_b.url)):
+        await watch.connected("a", "b")
+        on_a = await submit(server_a.url, workflows.still(steps=40), WATCHER_ID)
+        on_b = await submit(server_b.url, workflows.still(steps=LONG), WATCHER_ID)
+        await watch.step(on_a, 1)
+        await watch.step(on_b, 1)
+        await server_b.stop()
+        stale_b = await watch.stale(on_b)
+        done_a = await watch.state(on_a, "completed")
+    assert (stale_b["instance"], stale_b["state"]) == ("b", "running")
+    assert done_a["instance"] == "a"
+    assert not any(v["stale"] for v in watch.history(on_a))
