@@ -109,6 +109,29 @@ async def publish_until(
     return n
 
 
+@asynccontextmanager
+async def fast_and_stuck(hub: Hub) -> AsyncIterator[tuple[ClientConnection, ClientConnection]]:
+    """Two clients past their snapshot: one that reads as it goes, and one that does not read
+    (yet) and whose 4 KiB receive buffer soon pushes back on the server."""
+    async with (
+        serving(hub) as url,
+        client(url) as fast,
+        client(url, rcvbuf=4096, max_queue=1) as stuck,
+    ):
+        await recv(fast)
+        yield fast, stuck
+
+
+async def read_through(ws: ClientConnection, last: Callable[[JsonDict], bool]) -> list[JsonDict]:
+    """Skip the snapshot, then read up to and including the first message where ``last``."""
+    assert (await recv(ws))["type"] == "snapshot"
+    got = [await recv(ws)]
+    while not last(got[-1]):
+        got.append(await recv(ws))
+    assert [m["seq"] for m in got] == list(range(2, 2 + len(got)))
+    return got
+
+
 class LogEvents(logging.Handler):
     """Sets an asyncio event when the hub logs a line containing a given phrase."""
 
@@ -208,12 +231,7 @@ async def test_seq_is_contiguous_across_events_and_replies() -> None:
 async def test_slow_reader_ends_with_the_latest_state_and_fewer_messages() -> None:
     hub = Hub(Picture(), max_buffer=16 * 1024, send_timeout=60.0, batch_interval=0)
     filler = "x" * 8000
-    async with (
-        serving(hub) as url,
-        client(url) as fast,
-        client(url, rcvbuf=4096, max_queue=1) as slow,
-    ):
-        await recv(fast)
+    async with fast_and_stuck(hub) as (fast, slow):
         published = await publish_until(
             hub,
             fast,
@@ -225,16 +243,40 @@ async def test_slow_reader_ends_with_the_latest_state_and_fewer_messages() -> No
         hub.publish([JobChanged(last)])
         assert (await recv(fast))["job"] == last
 
-        snapshot = await recv(slow)
-        assert snapshot["type"] == "snapshot"
-        got = [await recv(slow)]
-        while got[-1]["job"] != last:
-            got.append(await recv(slow))
-        assert [m["seq"] for m in got] == list(range(2, 2 + len(got)))
+        got = await read_through(slow, lambda m: m["job"] == last)
         percents = [m["job"]["percent"] for m in got]
         assert percents == sorted(percents)
         assert len(got) < published
         assert len(got) + hub.stats().messages_coalesced == published
+
+
+async def test_removal_drops_a_slow_clients_pending_update_of_that_job() -> None:
+    hub = Hub(Picture(), max_buffer=16 * 1024, send_timeout=60.0, batch_interval=0)
+    filler = "r" * 8000
+    async with fast_and_stuck(hub) as (fast, slow):
+        published = await publish_until(
+            hub,
+            fast,
+            lambda: hub.stats().messages_coalesced >= 1,
+            lambda n: job("render", float(n), filler=filler),
+        )
+        replaced = hub.stats().messages_coalesced
+        hub.publish([JobRemoved("render")])
+        assert await recv(fast) == {"seq": published + 2, "type": "job_removed", "id": "render"}
+        assert hub.stats().messages_coalesced == replaced + 1
+
+        got = await read_through(slow, lambda m: m["type"] == "job_removed")
+        updates = [m for m in got if m["type"] == "job"]
+        assert len(updates) + hub.stats().messages_coalesced == published
+
+
+async def test_messages_over_64_kib_use_the_long_frame_header() -> None:
+    big = job("big", 1.0, title="t" * 70_000)
+    hub = Hub(Picture(by_id={"big": big}))
+    async with serving(hub) as url, client(url) as ws:
+        assert (await recv(ws))["jobs"] == [big]
+        hub.publish([JobChanged(big)])
+        assert await recv(ws) == {"seq": 2, "type": "job", "job": big}
 
 
 @pytest.mark.parametrize(
@@ -261,12 +303,7 @@ async def test_client_that_stops_reading_is_dropped_while_another_keeps_receivin
 ) -> None:
     hub = Hub(Picture(), max_buffer=16 * 1024, batch_interval=0, **settings)
     with watch_hub_log(blocked=blocked, dropped=dropped) as log:
-        async with (
-            serving(hub) as url,
-            client(url) as fast,
-            client(url, rcvbuf=4096, max_queue=1) as stuck,
-        ):
-            await recv(fast)
+        async with fast_and_stuck(hub) as (fast, stuck):
             await publish_until(hub, fast, log.seen["blocked"].is_set, update)
             await asyncio.wait_for(log.seen["dropped"].wait(), 10)
             assert hub.stats().clients_dropped == 1
