@@ -464,12 +464,14 @@ class FakeComfyUI:
         return web.Response()
 
     async def _post_free(self, request: web.Request) -> web.Response:
+        """Unload models / drop the cache now when idle, else after the running prompt."""
         body = await _json_body(request)
         if isinstance(body, dict):
             for flag in ("unload_models", "free_memory"):
                 if body.get(flag) is True:
                     self._free_requests[flag] = True
-            self._work.set()
+            if not self._queue.running:
+                self._apply_free_requests()
         return web.Response()
 
     # --- /system_stats, /features, /api/jobs -------------------------------------------------
