@@ -14,6 +14,7 @@ real server ran last before it.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import uuid
@@ -379,7 +380,7 @@ class Replay:
 async def test_replay_matches_recording(name: str) -> None:
     rec = Recording.load(name)
     sim = FakeComfyUI(speed=SPEEDS.get(name, DEFAULT_SPEED), seed=RECORDED_ORDER.index(name))
-    async with serve(sim) as base, aiohttp.ClientSession() as http:
+    async with asyncio.timeout(30), serve(sim) as base, aiohttp.ClientSession() as http:
         await prime(base, http, name)
         monitor = Monitor(await Client.connect(base, "monitor"))
         replay = Replay(rec, sim, base, http)
