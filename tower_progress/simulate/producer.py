@@ -114,7 +114,7 @@ class Producer:
         self.client_id = f"producer-{uuid.UUID(int=self._rng.getrandbits(128)).hex[:16]}"
         self._pool: asyncpg.Pool | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, _Job] = {}  # prompt id -> job, until the job settles
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._start_lock = asyncio.Lock()
@@ -302,9 +302,9 @@ class Producer:
             _LOG.warning("job %s: canceling failed: %s", job_id, exc)
 
     async def cancel(self, job_id: str) -> None:
-        """Cancel a job: delete its prompt while pending, interrupt it while running."""
+        """Cancel an open job: delete its prompt while pending, interrupt it while running."""
         job = next((j for j in self._jobs.values() if str(j.job_id) == job_id), None)
-        if job is None or job.settled.is_set():
+        if job is None:
             return
         _, session = await self._started()
         job.cancel_requested = True
@@ -325,7 +325,7 @@ class Producer:
     # --- following ----------------------------------------------------------------------------
 
     async def settled(self, job_ids: list[str] | None = None) -> None:
-        """Wait until the given jobs (default: every job submitted so far) are terminal."""
+        """Wait until the given jobs (default: every job still open) are terminal."""
         wanted = None if job_ids is None else set(job_ids)
         jobs = [j for j in self._jobs.values() if wanted is None or str(j.job_id) in wanted]
         for job in jobs:
@@ -379,7 +379,7 @@ class Producer:
 
     async def _poll(self, pool: asyncpg.Pool, session: aiohttp.ClientSession) -> None:
         """Queue first, then history for prompts that left it (the other order can miss one)."""
-        open_jobs = [job for job in self._jobs.values() if not job.settled.is_set()]
+        open_jobs = list(self._jobs.values())
         if not open_jobs:
             return
         running, pending = await self._queue_ids(session)
@@ -408,6 +408,7 @@ class Producer:
         _LOG.debug("job %s (prompt %s) %s", job.job_id, job.prompt_id, status)
         if status in TERMINAL:
             job.settled.set()
+            del self._jobs[job.prompt_id]
 
 
 def outcome(entry: JsonDict) -> tuple[str, str | None]:

@@ -12,6 +12,7 @@ through one ordered queue (``sockets.SocketHub``).
 ``history_log`` records what really happened to each prompt, for tests that compare a
 watcher's view with the truth: ``queued``, ``started``, then ``completed``, ``failed`` or
 ``interrupted`` (stored in history), or ``deleted`` (removed from the queue, never in history).
+It keeps the newest ``HISTORY_LOG_LIMIT`` transitions, so a long demo run stays bounded.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ _VRAM_TOTAL = 85_520_809_984
 _VRAM_RESERVED = 503_316_480
 _WORKING_SET = 2 << 30
 _RAM_TOTAL = 135_090_417_664
+HISTORY_LOG_LIMIT = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +261,8 @@ class FakeComfyUI:
 
     def _transition(self, prompt_id: str, event: TransitionEvent) -> None:
         self.history_log.append(PromptTransition(prompt_id, event, time.time()))
+        if len(self.history_log) > HISTORY_LOG_LIMIT:
+            del self.history_log[: len(self.history_log) - HISTORY_LOG_LIMIT]
         _LOG.debug("prompt %s %s", prompt_id, event)
 
     def _previews_for(self, extra_data: JsonDict) -> bool:
