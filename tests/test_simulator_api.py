@@ -351,13 +351,19 @@ async def test_rejected_prompts_get_comfyuis_400_bodies_and_still_use_a_number()
                 "details": "steps",
                 "extra_info": {"input_name": "steps"},
             }
+        cyclic = workflows.still()
+        cyclic["3"]["inputs"]["latent_image"] = ["3", 0]
+        async with http.post("/prompt", json={"prompt": cyclic}) as response:
+            [problem] = (await response.json())["node_errors"]["9"]["errors"]
+            assert problem["type"] == "exception_during_validation"
+            assert problem["extra_info"]["exception_type"] == "RecursionError"
         async with http.post("/prompt", data=b"{not json") as response:
             assert response.status == 400
             assert (await response.json())["error"]["type"] == "invalid_prompt"
         partly = workflows.still(steps=1)
         partly["20"] = {"class_type": "PreviewImage", "inputs": {"images": ["21", 0]}}
         answer = await post(http, "/prompt", {"prompt": partly})
-        assert answer["number"] == 3
+        assert answer["number"] == 4
         assert answer["node_errors"]["20"]["errors"][0]["type"] == "exception_during_validation"
         queued = await get(http, "/queue")
         [item] = queued["queue_pending"] + queued["queue_running"]

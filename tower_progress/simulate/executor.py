@@ -298,7 +298,7 @@ class PromptExecutor:
     ) -> None:
         node = run.prompt[node_id]
         current_inputs = {
-            name: [repr(self._input_value(run, value)) if is_link(value) else value]
+            name: [repr(run.values[value[0]][value[1]]) if self._has_run(run, value) else value]
             for name, value in node.get("inputs", {}).items()
         }
         data = {
@@ -333,6 +333,10 @@ class PromptExecutor:
         entry = run.progress.setdefault(node_id, {"value": 0.0, "max": 1.0, "state": "running"})
         entry.update(value=entry["max"], state="finished")
         self._send_progress_state(run)
+
+    @staticmethod
+    def _has_run(run: _Run, value: Any) -> bool:
+        return is_link(value) and value[0] in run.values
 
     @staticmethod
     def _input_value(run: _Run, link: list[Any]) -> Any:
