@@ -33,7 +33,7 @@ from tower_progress.simulate import workflows
 from tower_progress.sources.comfyui import ComfyError, parse_queue
 
 Answer = Callable[[web.Request], Awaitable[web.StreamResponse]]
-SOURCE_LOG = "tower_progress.sources.comfyui"
+SOURCE_LOG = "tower_progress.sources"
 NAME = "box"
 P = "0b8a6a3e-2f7e-4a7b-9d35-6c1f0e2b9a11"
 Q = "7d4c1b2a-9e8f-4d6c-8b5a-3f2e1d0c9b88"
@@ -231,7 +231,7 @@ def logs(caplog: pytest.LogCaptureFixture) -> Callable[[], list[tuple[str, str]]
     caplog.set_level(logging.DEBUG, logger=SOURCE_LOG)
 
     def lines() -> list[tuple[str, str]]:
-        return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == SOURCE_LOG]
+        return [(r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith(SOURCE_LOG + ".comfyui")]
 
     return lines
 
