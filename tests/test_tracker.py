@@ -463,6 +463,16 @@ def test_row_jobs_go_stale_while_the_database_is_down() -> None:
     assert job["stale"] is True
 
 
+def test_a_job_that_ends_while_the_database_is_down_is_not_left_stale() -> None:
+    """A final state is latched; marking it stale would grey the card out for ever."""
+    tracker = Tracker()
+    tracker.apply(SourceStatus("database", False, "gone"), T0)
+    tracker.apply(JobRow("1", "completed"), T0 + 1)
+    job = tracker.job("1")
+    assert job is not None
+    assert (job["state"], job["stale"]) == ("completed", False)
+
+
 def test_queued_eta_unknown_while_running_job_has_no_estimate() -> None:
     tracker = Tracker()
     tracker.apply(queue([], ["p0"]), T0)

@@ -393,7 +393,7 @@ class Tracker:
         prompt = self._prompts.get(job.prompt_id) if job.prompt_id else None
         state = job.final or self._state(job, prompt)
         stalled = self._stalled(prompt, state, now)
-        stale = self._stale(job, prompt)
+        stale = not state.terminal and self._stale(job, prompt)
         view = render(
             job_id=job.id,
             row=job.row,
