@@ -157,3 +157,17 @@ def test_sampler_with_invalid_steps_has_none() -> None:
     workflow = Workflow.from_graph({"3": node("KSampler", steps=0), "x": "junk"})
     assert workflow.nodes["3"].steps is None
     assert Workflow.from_graph("not a graph").nodes == {}
+
+
+def test_cost_scales_with_steps_frames_and_pixels() -> None:
+    still = {
+        "5": node("EmptyLatentImage", batch_size=1, width=512, height=512),
+        "3": node("KSampler", steps=20),
+    }
+    video = {
+        "5": node("EmptyHunyuanLatentVideo", length=33, width=1024, height=512),
+        "3": node("KSampler", steps=20),
+    }
+    assert Workflow.from_graph(still).cost == 20.0
+    assert Workflow.from_graph(video).cost == 20.0 * 33 * 2
+    assert Workflow.from_graph({}).cost == 1.0

@@ -498,3 +498,44 @@ def test_pruned_finished_prompt_jobs_release_their_prompts() -> None:
 def test_terminal_statuses_for_the_database() -> None:
     statuses = StatusMap({"Shipped": JobState.COMPLETED}).terminal_statuses()
     assert "shipped" in statuses and "done" in statuses and "processing" not in statuses
+
+
+def test_queued_eta_without_history_scales_the_pace_of_other_workflows() -> None:
+    tracker = Tracker()
+    tracker.apply(queue(["p1"], []), T0)
+    t = run_steps(tracker, "p1", 10, T0)
+    tracker.apply(history("p1"), t)
+    seconds_per_step = (T0 + 9.0 - (T0 + 0.1)) / 10
+    bigger = {**GRAPH, "3": {"class_type": "KSampler", "inputs": {"steps": 40}}}
+    item = QueueItem(20.0, "p2", bigger, "other")
+    tracker.apply(QueueSnapshot("local", (), (item,)), t + 1)
+    job = tracker.job("comfy:p2")
+    assert job is not None
+    assert job["eta_s"] == round(40 * seconds_per_step, 1)
+
+
+def test_encoder_frames_and_speed_belong_to_the_node_running_now() -> None:
+    graph = {
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"batch_size": 4}},
+        "3": {"class_type": "KSampler", "inputs": {"steps": 10}},
+        "8": {"class_type": "VAEDecodeTiled", "inputs": {}},
+        "9": {"class_type": "VHS_VideoCombine", "inputs": {}},
+    }
+    tracker = Tracker()
+    tracker.apply(QueueSnapshot("local", (QueueItem(1.0, "p1", graph, None),), ()), T0)
+    tracker.apply(msg("executing", node="3", prompt_id="p1"), T0)
+    for step in (1, 2, 3):
+        tracker.apply(msg("progress", value=step, max=10, node="3", prompt_id="p1"), T0 + step)
+    tracker.apply(msg("executing", node="8", prompt_id="p1"), T0 + 4)
+    tracker.apply(msg("progress", value=2, max=4, node="8", prompt_id="p1"), T0 + 5)
+    tracker.apply(msg("progress", value=4, max=4, node="8", prompt_id="p1"), T0 + 6)
+    job = tracker.job("comfy:p1")
+    assert job is not None
+    assert (job["stage"], job["frames_done"], job["frames_total"]) == ("decoding", 4, 4)
+    assert job["velocity"]["steps_per_s"] is None
+    assert job["velocity"]["frames_per_s"] == 2.0
+    tracker.apply(msg("executing", node="9", prompt_id="p1"), T0 + 7)
+    job = tracker.job("comfy:p1")
+    assert job is not None
+    assert (job["stage"], job["frames_done"]) == ("encoding", None)
+    assert job["velocity"]["frames_per_s"] is None

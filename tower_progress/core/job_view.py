@@ -56,11 +56,10 @@ def render(
         row.total_frames if row and row.total_frames else (p.frames_total() if p else None)
     )
     frames_done = p.frames_done if p else None
-    if frames_done is None and p is not None:
-        if stage is Stage.DECODING:
-            frames_done = p.decoded_frames
-        elif p.state.terminal and p.state is not JobState.LOST:
-            frames_done = 0
+    if p is not None and p.live_frames is not None and state is JobState.RUNNING:
+        frames_done = p.live_frames
+    elif frames_done is None and p is not None and p.state.terminal:
+        frames_done = None if p.state is JobState.LOST else 0
     sampling = p is not None and stage is Stage.SAMPLING and state is JobState.RUNNING
     view: dict[str, Any] = {
         "id": job_id,

@@ -19,6 +19,8 @@ from tower_progress.core.workflow import Workflow
 
 PriorLookup = Callable[[str], Mapping[str, float] | None]
 _VELOCITY_POINTS = 12
+# Decoders and video writers that tick once per frame show frames as they go.
+_FRAME_STAGES = (Stage.DECODING, Stage.ENCODING)
 # progress_state marks every node that starts as value 0 of max 1: not a sampler step.
 _NODE_STARTED = (0.0, 1.0)
 _TIMED_STAGES = (
@@ -85,7 +87,7 @@ class Prompt:
     steps: int | None = None
     fraction: float = 0.0
     frames_done: int | None = None
-    decoded_frames: int | None = None
+    live_frames: int | None = None
     outputs: dict[str, Any] = field(default_factory=dict)
     error: dict[str, Any] | None = None
     eta: EtaEstimator | None = None
@@ -207,8 +209,8 @@ class Prompt:
                 self.step_points.clear()
             self.step, self.steps = int(value), int(maximum)
             self.step_points.append((now, value))
-        elif stage is Stage.DECODING and self._frames_total() == int(maximum):
-            self.decoded_frames = int(value)
+        elif stage in _FRAME_STAGES and self._frames_total() == int(maximum):
+            self.live_frames = int(value)
             self.frame_points.append((now, value))
         self._refresh_fraction()
         self._feed_eta(now)
@@ -369,8 +371,11 @@ class Prompt:
         stage = spec.stage if spec else self.stage
         self.progress_gaps.clear()
         self.last_progress = now
+        self.live_frames = None
+        self.frame_points.clear()
         if stage is not Stage.SAMPLING:
             self.step = self.steps = None
+            self.step_points.clear()
         self._enter_stage(stage, now)
 
     def _enter_stage(self, stage: Stage, now: float) -> None:

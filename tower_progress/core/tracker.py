@@ -108,7 +108,7 @@ class Tracker:
         self._runs: dict[str, list[Mapping[str, float]]] = {
             fp: list(runs)[:keep] for fp, runs in (priors or {}).items()
         }
-        self._durations: list[float] = []
+        self._seconds_per_cost: list[float] = []
         self._resources: ResourceSample | None = None
         self._resources_view: JsonDict | None = None
         self._sources: dict[str, JsonDict] = {}
@@ -490,13 +490,13 @@ class Tracker:
         return total
 
     def _expected(self, prompt: Prompt) -> float | None:
+        """The prior of this workflow, else its cost at the median pace of recent jobs."""
         if prompt.prior:
             return expected_duration(prompt.prior)
-        if not self._durations:
+        if not self._seconds_per_cost or prompt.workflow is None:
             return None
-        ordered = sorted(self._durations)
-        median: float = ordered[len(ordered) // 2]
-        return median
+        ordered = sorted(self._seconds_per_cost)
+        return ordered[len(ordered) // 2] * prompt.workflow.cost
 
     def _finished_job(
         self, job: Job, prompt: Prompt | None, view: JsonDict, events: list[Event]
@@ -508,9 +508,10 @@ class Tracker:
                 runs = self._runs.setdefault(fingerprint, [])
                 runs.insert(0, seconds)
                 del runs[self._config.priors_per_workflow :]
-            if prompt.started_at is not None and prompt.finished_at is not None:
-                self._durations.append(prompt.finished_at - prompt.started_at)
-                del self._durations[:-50]
+            if prompt.started_at is not None and prompt.finished_at and prompt.workflow:
+                duration = prompt.finished_at - prompt.started_at
+                self._seconds_per_cost.append(duration / prompt.workflow.cost)
+                del self._seconds_per_cost[:-50]
         events.append(JobFinished(view, fingerprint, seconds))
         self._finished[job.id] = None
         while len(self._finished) > self._config.finished_cap:

@@ -41,6 +41,10 @@ COST_INPUTS = frozenset(
 )
 
 
+_DEFAULT_PIXELS = 512 * 512
+_MAX_PIXELS = 16384 * 16384
+
+
 @dataclass(frozen=True, slots=True)
 class NodeSpec:
     class_type: str
@@ -51,9 +55,14 @@ class NodeSpec:
 
 @dataclass(frozen=True, slots=True)
 class Workflow:
+    """A parsed graph. ``cost`` is a unitless proxy for its work (sampler steps times frames times
+    pixels in 512² units), used to scale the pace of other workflows when this one has no
+    history of its own."""
+
     nodes: Mapping[str, NodeSpec]
     frames_total: int | None
     fingerprint: str
+    cost: float
 
     @classmethod
     def from_graph(cls, graph: Any) -> Workflow:
@@ -61,6 +70,7 @@ class Workflow:
         nodes: dict[str, NodeSpec] = {}
         graph = graph if isinstance(graph, Mapping) else {}
         cost: list[tuple[str, str, list[tuple[str, str]]]] = []
+        pixels = 0
         for node_id, node in graph.items():
             if not isinstance(node, Mapping) or not isinstance(node.get("class_type"), str):
                 continue
@@ -76,6 +86,10 @@ class Workflow:
             nodes[str(node_id)] = NodeSpec(
                 class_type, title if isinstance(title, str) else None, stage, steps
             )
+            width = resolve_int(graph, inputs.get("width"))
+            height = resolve_int(graph, inputs.get("height"))
+            if width and height and 0 < width * height <= _MAX_PIXELS:
+                pixels = max(pixels, width * height)
             relevant = sorted(
                 (k, json.dumps(v, sort_keys=True, default=str))
                 for k, v in inputs.items()
@@ -83,7 +97,10 @@ class Workflow:
             )
             cost.append((class_type, str(node_id), relevant))
         digest = hashlib.sha256(json.dumps(sorted(cost)).encode()).hexdigest()[:16]
-        return cls(nodes=nodes, frames_total=frames_total(graph), fingerprint=digest)
+        frames = frames_total(graph)
+        steps = sum(spec.steps or 0 for spec in nodes.values())
+        work = max(steps, 1) * (frames or 1) * (pixels or _DEFAULT_PIXELS) / _DEFAULT_PIXELS
+        return cls(nodes=nodes, frames_total=frames, fingerprint=digest, cost=work)
 
     def weights(self, stage_seconds: Mapping[str, float] | None = None) -> dict[str, float]:
         """Each node's share of the whole job, summing to 1 over the graph's nodes.
