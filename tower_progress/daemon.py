@@ -274,7 +274,9 @@ async def _serve(
             replace(instances[0], url=f"http://127.0.0.1:{simulation.port}"),
             *instances[1:],
         )
-        workers.append(("simulator", _simulator(simulation, dsn, settings.jobs_table)))
+        workers.append(
+            ("simulator", _simulator(simulation, dsn, settings.jobs_table, instances[0].client_id))
+        )
     sources = {i.name: _comfy_source(i, pipeline) for i in instances}
     listener = JobTableListener(
         dsn=dsn,
@@ -369,7 +371,7 @@ def _port_of(instance: ComfyInstance) -> int | None:
 
 
 def _simulator(
-    simulation: Simulation, dsn: str, jobs_table: str
+    simulation: Simulation, dsn: str, jobs_table: str, watcher_client_id: str
 ) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
     return functools.partial(
         run_simulator,
@@ -379,4 +381,5 @@ def _simulator(
         dsn=dsn,
         jobs_table=jobs_table,
         jobs_interval=simulation.jobs_interval_s,
+        watcher_client_id=watcher_client_id,
     )

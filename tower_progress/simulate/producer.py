@@ -87,8 +87,10 @@ class Producer:
     """Inserts, submits and follows jobs; ``await close()`` when done.
 
     ``client_id_mode``: ``own`` submits every prompt with the producer's client id, ``none``
-    with none, ``mixed`` picks per job. ``poll_interval`` is the ``/queue`` + ``/history``
-    polling period; websocket events and status frames trigger a poll at once.
+    with none, ``mixed`` picks per job; with a ``watcher_client_id`` (the daemon's id),
+    ``mixed`` submits half the jobs with it, as a production system that wants full
+    visibility would. ``poll_interval`` is the ``/queue`` + ``/history`` polling period;
+    websocket events and status frames trigger a poll at once.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class Producer:
         seed: int | None = None,
         client_id_mode: ClientIdMode = "mixed",
         poll_interval: float = 1.0,
+        watcher_client_id: str | None = None,
     ) -> None:
         if client_id_mode not in ("mixed", "own", "none"):
             raise ValueError(f"client_id_mode must be mixed, own or none, got {client_id_mode!r}")
@@ -110,6 +113,7 @@ class Producer:
         self._table = quote_table(table)
         self._rng = random.Random(seed)
         self._mode = client_id_mode
+        self._watcher_client_id = watcher_client_id
         self._poll_interval = poll_interval
         self.client_id = f"producer-{uuid.UUID(int=self._rng.getrandbits(128)).hex[:16]}"
         self._pool: asyncpg.Pool | None = None
@@ -202,12 +206,21 @@ class Producer:
         """
         graph, frames, default_title = self._workflow(kind)
         if client_id is FROM_MODE:
-            own = self._mode == "own" or (self._mode == "mixed" and self._rng.random() < 0.5)
-            client_id = self.client_id if own else None
+            client_id = self._pick_client_id()
         assert not isinstance(client_id, _Mode)
         return await self.submit_workflow(
             graph, title=title or default_title, total_frames=frames, client_id=client_id
         )
+
+    def _pick_client_id(self) -> str | None:
+        if self._mode != "mixed":
+            return self.client_id if self._mode == "own" else None
+        draw = self._rng.random()
+        if self._watcher_client_id is None:
+            return self.client_id if draw < 0.5 else None
+        if draw < 0.5:
+            return self._watcher_client_id
+        return self.client_id if draw < 0.75 else None
 
     def _workflow(self, kind: str) -> tuple[workflows.Graph, int, str]:
         rng = self._rng

@@ -24,8 +24,12 @@ async def run_simulator(
     dsn: str | None,
     jobs_interval: float,
     jobs_table: str = "public.production_jobs",
+    watcher_client_id: str | None = None,
 ) -> None:
     """Serve ``FakeComfyUI`` (and run a ``Producer`` when ``dsn`` is given) until ``stop``.
+
+    With ``watcher_client_id`` (the daemon's client id), half the produced jobs are submitted
+    with it, so a demo shows every visibility level: full, partial and coarse.
 
     The producer writes to ``jobs_table``, which must exist with the reference columns
     (``sql/reference/production_jobs.sql``). If the producer stops with an error, everything
@@ -43,7 +47,9 @@ async def run_simulator(
         _LOG.info("fake ComfyUI listening on %s (speed %g)", url, speed)
         waiting: set[asyncio.Task[Any]] = {asyncio.create_task(stop.wait(), name="simulator-stop")}
         if dsn is not None:
-            producer = Producer(dsn=dsn, comfyui_url=url, table=jobs_table)
+            producer = Producer(
+                dsn=dsn, comfyui_url=url, table=jobs_table, watcher_client_id=watcher_client_id
+            )
             producing = asyncio.create_task(
                 producer.run(interval=jobs_interval), name="simulator-producer"
             )
