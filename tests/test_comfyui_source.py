@@ -231,7 +231,11 @@ def logs(caplog: pytest.LogCaptureFixture) -> Callable[[], list[tuple[str, str]]
     caplog.set_level(logging.DEBUG, logger=SOURCE_LOG)
 
     def lines() -> list[tuple[str, str]]:
-        return [(r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith(SOURCE_LOG + ".comfyui")]
+        return [
+            (r.levelname, r.getMessage())
+            for r in caplog.records
+            if r.name.startswith(SOURCE_LOG + ".comfyui")
+        ]
 
     return lines
 

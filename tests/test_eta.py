@@ -49,8 +49,11 @@ CASES = [
     Case(
         "a slowdown part-way, 4 ticks in: the last 8 ticks hold 4 fast and 4 slow ones",
         None,
-        [(0.0, 0.0, "sampling"), *_ticks("sampling", 0.0, 0.0, 10.0, 0.025, 8),
-         *_ticks("sampling", 80.0, 0.2, 20.0, 0.025, 4)],
+        [
+            (0.0, 0.0, "sampling"),
+            *_ticks("sampling", 0.0, 0.0, 10.0, 0.025, 8),
+            *_ticks("sampling", 80.0, 0.2, 20.0, 0.025, 4),
+        ],
         # window 600 s/unit at 12/13 trust against the job's 1600/3: 0.3 of sampling left,
         # then 0.4 at 1600/3
         [(160.0, 15280.0 / 39.0)],
@@ -58,8 +61,11 @@ CASES = [
     Case(
         "a slowdown part-way, 8 ticks in: the last 8 ticks are all slow",
         None,
-        [(0.0, 0.0, "sampling"), *_ticks("sampling", 0.0, 0.0, 10.0, 0.025, 8),
-         *_ticks("sampling", 80.0, 0.2, 20.0, 0.025, 8)],
+        [
+            (0.0, 0.0, "sampling"),
+            *_ticks("sampling", 0.0, 0.0, 10.0, 0.025, 8),
+            *_ticks("sampling", 80.0, 0.2, 20.0, 0.025, 8),
+        ],
         # window 800 s/unit at 16/17 trust against the job's 600: 0.2 left, then 0.4 at 600
         [(240.0, 6760.0 / 17.0)],
     ),
@@ -84,15 +90,21 @@ CASES = [
     Case(
         "running exactly as the prior says",
         {"loading": 10.0, "sampling": 30.0},
-        [(0.0, 0.0, "loading"), (10.0, 0.25, "sampling"),
-         *_ticks("sampling", 10.0, 0.25, 5.0, 0.125, 2)],
+        [
+            (0.0, 0.0, "loading"),
+            (10.0, 0.25, "sampling"),
+            *_ticks("sampling", 10.0, 0.25, 5.0, 0.125, 2),
+        ],
         [(20.0, 20.0), (22.0, 18.0)],
     ),
     Case(
         "twice as slow as the prior: the stage's rate outweighs the prior as ticks come in",
         {"loading": 10.0, "sampling": 30.0},
-        [(0.0, 0.0, "loading"), (10.0, 0.25, "sampling"),
-         *_ticks("sampling", 10.0, 0.25, 10.0, 0.125, 2)],
+        [
+            (0.0, 0.0, "loading"),
+            (10.0, 0.25, "sampling"),
+            *_ticks("sampling", 10.0, 0.25, 10.0, 0.125, 2),
+        ],
         # rate 80 s/unit, prior 40 s/unit, trust 2/3: 0.5 * (2/3 * 80 + 1/3 * 40)
         [(30.0, 100.0 / 3.0)],
     ),
@@ -106,8 +118,11 @@ CASES = [
     Case(
         "entering a stage is progress even when the fraction does not move",
         None,
-        [(0.0, 0.0, "sampling"), *_ticks("sampling", 0.0, 0.0, 10.0, 0.125, 4),
-         (50.0, 0.5, "decoding")],
+        [
+            (0.0, 0.0, "sampling"),
+            *_ticks("sampling", 0.0, 0.0, 10.0, 0.125, 4),
+            (50.0, 0.5, "decoding"),
+        ],
         # 100 s per unit: decoding's 0.15 share in 15 s, the last 0.35 in 35 s
         [(50.0, 50.0), (60.0, 40.0)],
     ),
@@ -122,17 +137,24 @@ CASES = [
         {"sampling": 40.0, "decoding": 10.0},
         # The first pass's last step shows as the jump when decoding starts; the second pass
         # runs at 100 s per unit against the prior's 50.
-        [(0.0, 0.0, "sampling"), *_ticks("sampling", 0.0, 0.0, 5.0, 0.1, 3),
-         (20.0, 0.4, "decoding"), (25.0, 0.5, "sampling"),
-         *_ticks("sampling", 25.0, 0.5, 10.0, 0.1, 2)],
+        [
+            (0.0, 0.0, "sampling"),
+            *_ticks("sampling", 0.0, 0.0, 5.0, 0.1, 3),
+            (20.0, 0.4, "decoding"),
+            (25.0, 0.5, "sampling"),
+            *_ticks("sampling", 25.0, 0.5, 10.0, 0.1, 2),
+        ],
         # 0.2 left of sampling at 2/3 * 100 + 1/3 * 50, then 0.1 of decoding at 50
         [(45.0, 65.0 / 3.0)],
     ),
     Case(
         "no prior, a stage without ticks: default share at the job's pace so far",
         None,
-        [(0.0, 0.0, "sampling"), *_ticks("sampling", 0.0, 0.0, 10.0, 0.25, 2),
-         (20.0, 0.5, "decoding")],
+        [
+            (0.0, 0.0, "sampling"),
+            *_ticks("sampling", 0.0, 0.0, 10.0, 0.25, 2),
+            (20.0, 0.5, "decoding"),
+        ],
         # 40 s per unit; decoding's default share 0.15 takes 6 s, then 0.35 more units.
         [(20.0, 20.0), (26.0, 14.0), (30.0, 18.0)],
     ),
@@ -151,23 +173,32 @@ CASES = [
     Case(
         "a late, lower fraction changes nothing",
         None,
-        [(0.0, 0.0, "sampling"), *_ticks("sampling", 0.0, 0.0, 10.0, 0.125, 4),
-         (44.0, 0.25, "sampling")],
+        [
+            (0.0, 0.0, "sampling"),
+            *_ticks("sampling", 0.0, 0.0, 10.0, 0.125, 4),
+            (44.0, 0.25, "sampling"),
+        ],
         [(45.0, 35.0), (55.0, 25.0)],
     ),
     Case(
         "a late, lower fraction that names a new stage enters it at the known fraction",
         None,
-        [(0.0, 0.0, "sampling"), *_ticks("sampling", 0.0, 0.0, 10.0, 0.125, 4),
-         (40.0, 0.25, "decoding")],
+        [
+            (0.0, 0.0, "sampling"),
+            *_ticks("sampling", 0.0, 0.0, 10.0, 0.125, 4),
+            (40.0, 0.25, "decoding"),
+        ],
         # 80 s per unit; decoding's share 0.15 is due in 12 s, then the stall grows it.
         [(40.0, 40.0), (52.0, 28.0), (55.0, 31.0)],
     ),
     Case(
         "growth by float rounding is not progress",
         None,
-        [(0.0, 0.0, "sampling"), *_ticks("sampling", 0.0, 0.0, 10.0, 0.125, 4),
-         (41.0, 0.5 + 1e-12, "sampling")],
+        [
+            (0.0, 0.0, "sampling"),
+            *_ticks("sampling", 0.0, 0.0, 10.0, 0.125, 4),
+            (41.0, 0.5 + 1e-12, "sampling"),
+        ],
         [(45.0, 35.0), (55.0, 25.0)],
     ),
     Case(
@@ -179,8 +210,11 @@ CASES = [
     Case(
         "cached nodes count as done, not as time spent",
         None,
-        [(0.0, 0.25, None), (0.0, 0.25, "sampling"),
-         *_ticks("sampling", 0.0, 0.25, 10.0, 0.125, 2)],
+        [
+            (0.0, 0.25, None),
+            (0.0, 0.25, "sampling"),
+            *_ticks("sampling", 0.0, 0.25, 10.0, 0.125, 2),
+        ],
         [(20.0, 40.0)],
     ),
 ]
@@ -192,24 +226,29 @@ def test_remaining(case: Case) -> None:
     for t, fraction, stage in case.updates:
         eta.update(t, fraction, stage)
     got = [(t, eta.remaining(t)) for t, _ in case.expected]
-    want = [(t, pytest.approx(left, abs=1e-9) if left is not None else None)
-            for t, left in case.expected]
+    want = [
+        (t, pytest.approx(left, abs=1e-9) if left is not None else None)
+        for t, left in case.expected
+    ]
     assert got == want
 
 
 def test_a_run_that_follows_its_prior_keeps_one_finish_time() -> None:
     """Stage by stage, with node-granular stages and per-step sampling ticks, the predicted
     finish (t + remaining) never moves when the job takes exactly its prior's seconds."""
-    prior = {"loading": 10.0, "preparing": 5.0, "sampling": 40.0, "decoding": 10.0,
-             "encoding": 5.0}
+    prior = {"loading": 10.0, "preparing": 5.0, "sampling": 40.0, "decoding": 10.0, "encoding": 5.0}
     total = 70.0
     eta = EtaEstimator(prior)
     eta.update(1000.0, 0.0, None)
     t, f = 1000.0, 0.0
     finishes = [1000.0 + (eta.remaining(1000.0) or 0.0)]
-    for stage, seconds, ticks in (("loading", 10.0, 1), ("preparing", 5.0, 1),
-                                  ("sampling", 40.0, 20), ("decoding", 10.0, 1),
-                                  ("encoding", 5.0, 1)):
+    for stage, seconds, ticks in (
+        ("loading", 10.0, 1),
+        ("preparing", 5.0, 1),
+        ("sampling", 40.0, 20),
+        ("decoding", 10.0, 1),
+        ("encoding", 5.0, 1),
+    ):
         eta.update(t, f, stage)
         for _ in range(ticks):
             for probe in (t + 0.25 * seconds / ticks, t + 0.75 * seconds / ticks):
@@ -225,8 +264,11 @@ def test_never_negative_nor_nan_on_random_jobs() -> None:
     rng = random.Random(7)
     stages = ("loading", "preparing", "sampling", "decoding", "encoding", "processing", None)
     for _ in range(200):
-        prior = ({s: rng.uniform(0.0, 20.0) for s in stages[:5] if rng.random() < 0.7}
-                 if rng.random() < 0.5 else None)
+        prior = (
+            {s: rng.uniform(0.0, 20.0) for s in stages[:5] if rng.random() < 0.7}
+            if rng.random() < 0.5
+            else None
+        )
         eta = EtaEstimator(prior)
         t, f = rng.uniform(0.0, 1e6), 0.0
         for _ in range(rng.randint(1, 60)):
@@ -281,13 +323,21 @@ def test_prior_total_too_large_is_refused() -> None:
         ([{"sampling": 12.5}], {"sampling": 12.5}),
         ([{"sampling": 10.0}, {"sampling": 20.0}], {"sampling": 15.0}),
         (
-            [{"loading": 20.0, "sampling": 10.0}, {"sampling": 12.0},
-             {"loading": 2.0, "sampling": 11.0}],
+            [
+                {"loading": 20.0, "sampling": 10.0},
+                {"sampling": 12.0},
+                {"loading": 2.0, "sampling": 11.0},
+            ],
             {"loading": 2.0, "sampling": 11.0},
         ),
         (
-            [{"sampling": 10.0}, {"sampling": 30.0}, {"sampling": 11.0}, {"sampling": 200.0},
-             {"sampling": 12.0}],
+            [
+                {"sampling": 10.0},
+                {"sampling": 30.0},
+                {"sampling": 11.0},
+                {"sampling": 200.0},
+                {"sampling": 12.0},
+            ],
             {"sampling": 12.0},
         ),
     ],
