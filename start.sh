@@ -35,6 +35,7 @@ if [ "${1:-}" = "test" ]; then
     ensure_chromium
     "$VENV/bin/ruff" check .
     "$VENV/bin/mypy" --strict tower_progress
+    "$VENV/bin/mypy" --strict comfyui_bridge
     exec "$VENV/bin/pytest" --cov=tower_progress --cov-report=term "$@"
 fi
 
