@@ -127,3 +127,33 @@ def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
         "config error: TOWER_PROGRESS_PORT = '99999' is not allowed: an integer from 1 to 65535\n"
     )
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (
+            '[database.columns]\nprompt = "x"\n',
+            "config error: database.columns.prompt = 'x' is not allowed: one of the keys id, status, "
+            "comfyui_job_id, title, total_frames, created_at, updated_at",
+        ),
+        (
+            '[database.columns]\nid = "bad name"\n',
+            "config error: database.columns.id = 'bad name' is not allowed: a column name",
+        ),
+        (
+            "[database.write_back_columns]\npercent = 3\n",
+            "config error: database.write_back_columns.percent = 3 is not allowed: a column name",
+        ),
+        (
+            "[database]\ncolumns = 5\n",
+            "config error: database.columns = 5 is not allowed: a table of name = column",
+        ),
+    ],
+)
+def test_bad_column_tables(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load(path, {})
+    assert str(caught.value) == message

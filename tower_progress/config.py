@@ -410,8 +410,12 @@ def load(path: Path | None, env: Mapping[str, str] | None = None) -> Settings:
             found = _lookup(data, spec.key)
             if found is not None:
                 values[spec.attr] = _parse(spec, found)
-    values["columns"] = _columns(data)
-    values["write_back_columns"] = _write_back_columns(data)
+    columns = {c: c for c in JOB_COLUMNS}
+    columns.update(_column_table(data, "database.columns", JOB_COLUMNS))
+    values["columns"] = columns
+    values["write_back_columns"] = _column_table(
+        data, "database.write_back_columns", WRITE_BACK_FIELDS
+    )
     values["status_map"] = _status_map(data)
     values["comfyui"] = _instances(data, env)
     settings = Settings(**values)
@@ -419,39 +423,19 @@ def load(path: Path | None, env: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
-def _columns(data: Mapping[str, Any]) -> dict[str, str]:
-    columns = {c: c for c in JOB_COLUMNS}
-    table = _lookup(data, "database.columns") or {}
+def _column_table(data: Mapping[str, Any], key: str, keys: tuple[str, ...]) -> dict[str, str]:
+    """A TOML table mapping some of ``keys`` to column names."""
+    table = _lookup(data, key) or {}
     if not isinstance(table, Mapping):
-        raise ConfigError("database.columns", table, "a table of logical = physical names")
-    for logical, physical in table.items():
-        if logical not in JOB_COLUMNS:
-            raise ConfigError(
-                f"database.columns.{logical}", physical, f"one of the keys {', '.join(JOB_COLUMNS)}"
-            )
-        try:
-            columns[logical] = _column(physical)
-        except ValueError as exc:
-            raise ConfigError(f"database.columns.{logical}", physical, str(exc)) from None
-    return columns
-
-
-def _write_back_columns(data: Mapping[str, Any]) -> dict[str, str]:
-    table = _lookup(data, "database.write_back_columns") or {}
-    if not isinstance(table, Mapping):
-        raise ConfigError("database.write_back_columns", table, "a table of field = column")
+        raise ConfigError(key, table, "a table of name = column")
     result: dict[str, str] = {}
     for name, column in table.items():
-        if name not in WRITE_BACK_FIELDS:
-            raise ConfigError(
-                f"database.write_back_columns.{name}",
-                column,
-                f"one of the keys {', '.join(WRITE_BACK_FIELDS)}",
-            )
+        if name not in keys:
+            raise ConfigError(f"{key}.{name}", column, f"one of the keys {', '.join(keys)}")
         try:
             result[name] = _column(column)
         except ValueError as exc:
-            raise ConfigError(f"database.write_back_columns.{name}", column, str(exc)) from None
+            raise ConfigError(f"{key}.{name}", column, str(exc)) from None
     return result
 
 
