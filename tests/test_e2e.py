@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import aiohttp
 import pytest
 import websockets
 from aiohttp import web
+from browser import launch_chromium
 from playwright.async_api import async_playwright, expect
 
 from tower_progress import daemon
@@ -40,14 +40,6 @@ new MutationObserver((records) => {
   }
 }).observe(document, {subtree: true, attributes: true, attributeFilter: ["aria-valuenow"]});
 """
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
 
 
 def free_port() -> int:
@@ -143,12 +135,8 @@ async def test_produced_job_reaches_a_websocket_client_running_then_completed(
 
 
 async def test_page_shows_the_job_card_reach_100_percent(stack: Stack) -> None:
-    executable = shutil.which("chromium")
-    assert executable, "chromium is missing: ./start.sh test installs it"
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(
-            executable_path=executable, headless=True, args=CHROMIUM_ARGS
-        )
+        browser = await launch_chromium(pw)
         try:
             page = await browser.new_page()
             await page.add_init_script(MAX_PERCENT_RECORDER)

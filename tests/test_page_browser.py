@@ -7,7 +7,6 @@ the page the way it does in production, as an event published through the real `
 from __future__ import annotations
 
 import re
-import shutil
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from browser import launch_chromium
 from playwright.async_api import (
     Browser,
     BrowserContext,
@@ -41,14 +41,6 @@ from tower_progress.web.metrics import Metrics
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
 GIB = 2**30
 TOKEN = "page-test-token"
 NOW = datetime.now(UTC)
@@ -250,13 +242,8 @@ class Site:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def browser() -> AsyncIterator[Browser]:
-    executable = shutil.which("chromium")
-    if executable is None:
-        pytest.fail("chromium not on PATH: apt-get install -y --no-install-recommends chromium")
     async with async_playwright() as pw:
-        launched = await pw.chromium.launch(
-            executable_path=executable, headless=True, args=CHROMIUM_ARGS
-        )
+        launched = await launch_chromium(pw)
         yield launched
         await launched.close()
 
