@@ -10,6 +10,7 @@ refused. ``start`` and ``stop`` block (initdb, pg_ctl): call them through
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import pwd
@@ -85,6 +86,9 @@ class EmbeddedPostgres:
         if self._server is None:
             return
         self._server.stop()
+        # pgserver's own exit handler would otherwise re-create its lock file in the runtime
+        # directory at interpreter exit, after the server is long gone.
+        atexit.unregister(self._server._cleanup)
         self._server = None
         self._dsn = None
         log.info("embedded PostgreSQL stopped")
