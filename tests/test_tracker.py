@@ -539,3 +539,14 @@ def test_encoder_frames_and_speed_belong_to_the_node_running_now() -> None:
     assert job is not None
     assert (job["stage"], job["frames_done"]) == ("encoding", None)
     assert job["velocity"]["frames_per_s"] is None
+
+
+def test_without_the_graph_a_node_counting_many_ticks_is_a_sampler() -> None:
+    tracker = Tracker()
+    tracker.apply(msg("execution_start", prompt_id="p1"), T0)
+    tracker.apply(msg("executing", node="3", prompt_id="p1"), T0)
+    tracker.apply(msg("progress", value=4, max=20, node="3", prompt_id="p1"), T0 + 1)
+    job = tracker.job("comfy:p1")
+    assert job is not None
+    assert (job["stage"], job["step"], job["steps"]) == ("sampling", 4, 20)
+    assert [s["stage"] for s in job["stages"]] == ["loading", "sampling"]

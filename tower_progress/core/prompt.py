@@ -204,6 +204,8 @@ class Prompt:
             self.progress_gaps.append(now - self.last_progress)
         self.last_progress = now
         stage = self._node_stage(node, maximum)
+        if stage is not self.stage and (value, maximum) != _NODE_STARTED:
+            self._enter_stage(stage, now)
         if stage is Stage.SAMPLING and (value, maximum) != _NODE_STARTED:
             if previous is not None and maximum != previous[1]:
                 self.step_points.clear()
