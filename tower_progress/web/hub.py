@@ -2,7 +2,9 @@
 
 Every event is serialized once; each client gets the same bytes behind its own
 ``{"seq":N,`` prefix. ``publish`` only serializes and appends to a batch; a flush, at most every
-``batch_interval`` seconds (at once when the last one is older), hands the batch to every
+``batch_interval`` seconds (at once when the last one is older; the window shrinks in
+proportion below ``_FULL_WINDOW_CLIENTS`` clients, where batching saves little and latency
+matters most), hands the batch to every
 client and writes each client's frames in a single ``transport.write``. aiohttp's writer costs a
 system call per frame, which at hundreds of clients is the whole CPU budget; a server frame
 (RFC 6455 §5.2) is a 2-10 byte header plus the payload, and with compression off aiohttp's
@@ -50,6 +52,10 @@ _LEN16 = struct.Struct("!BBH").pack
 _LEN64 = struct.Struct("!BBQ").pack
 _PONG = b'"type":"pong"}'
 _SHUTDOWN_REASON = b"server shutting down"
+
+
+# Clients from which the full batch window applies; fewer get a proportionally shorter one.
+_FULL_WINDOW_CLIENTS = 100
 
 
 def _utc_now() -> datetime:
@@ -233,7 +239,8 @@ class Hub:
         if self._flush_handle is not None:
             return
         loop = asyncio.get_running_loop()
-        wait = self._last_flush + self._batch_interval - loop.time()
+        window = self._batch_interval * min(1.0, len(self._clients) / _FULL_WINDOW_CLIENTS)
+        wait = self._last_flush + window - loop.time()
         if wait > 0:
             self._flush_handle = loop.call_later(wait, self._flush)
         else:
