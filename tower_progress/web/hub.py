@@ -417,7 +417,7 @@ class Hub:
     def _answer(self, client: _Client, text: str) -> _Message | None:
         try:
             frame: Any = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return _error("frame is not valid JSON")
         if not isinstance(frame, dict):
             return _error("frame must be a JSON object")
