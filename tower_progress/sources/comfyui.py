@@ -254,7 +254,7 @@ class ComfySource:
             return None
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ComfyError(f"{method} {path} answered non-JSON {raw[:80]!r}") from None
 
     async def cancel(self, prompt_id: str, *, running: bool) -> str:

@@ -201,7 +201,7 @@ def parse_frame(instance: str, frame: str | bytes) -> ComfyMessage | None:
         return None
     try:
         message = json.loads(frame)
-    except ValueError:
+    except (ValueError, RecursionError):
         log.warning("comfyui %s: non-JSON text frame %.120r ignored", instance, frame)
         return None
     if (
@@ -282,7 +282,7 @@ def _binary_problem(event: int, payload: bytes) -> tuple[str | None, str]:
             return "node id is not UTF-8", ""
     try:
         metadata = json.loads(header)
-    except ValueError:
+    except (ValueError, RecursionError):
         return "preview metadata is not JSON", ""
     if not isinstance(metadata, dict):
         return f"preview metadata is {type(metadata).__name__}", ""
