@@ -134,8 +134,8 @@ def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     [
         (
             '[database.columns]\nprompt = "x"\n',
-            "config error: database.columns.prompt = 'x' is not allowed: one of the keys id, status, "
-            "comfyui_job_id, title, total_frames, created_at, updated_at",
+            "config error: database.columns.prompt = 'x' is not allowed: one of the keys "
+            "id, status, comfyui_job_id, title, total_frames, created_at, updated_at",
         ),
         (
             '[database.columns]\nid = "bad name"\n',
