@@ -508,6 +508,7 @@ async def test_a_frame_without_prompt_id_goes_to_the_running_prompt_with_a_log_l
     server, watch = box.server, box.watch
     server.queue = [body(queue_body([item(7, P)]))]
     async with box.watching():
+        await watch.until("the graph from /queue", lambda: watch.of_type(QueueSnapshot))
         server.send(*START)
         await watch.step(P, 5)
         server.send(orphan)

@@ -43,11 +43,11 @@ pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 GIB = 2**30
 TOKEN = "page-test-token"
-NOW = datetime.now(UTC)
 
 
 def iso(offset_s: float = 0.0) -> str:
-    t = NOW + timedelta(seconds=offset_s)
+    """A time ``offset_s`` from now, read at the call: the page compares it with its clock."""
+    t = datetime.now(UTC) + timedelta(seconds=offset_s)
     return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
