@@ -43,7 +43,7 @@ CASES = [
         "constant velocity, no prior: exact, then counting down until a tick is overdue",
         None,
         [(0.0, 0.0, "sampling"), *_ticks("sampling", 0.0, 0.0, 10.0, 0.125, 4)],
-        # 80 s per unit; sampling's default share ends at 0.6, the rest costs the same.
+        # 80 s per unit; sampling's default share ends at 0.65, the rest costs the same.
         [(40.0, 40.0), (45.0, 35.0), (55.0, 25.0)],
     ),
     Case(
@@ -54,9 +54,9 @@ CASES = [
             *_ticks("sampling", 0.0, 0.0, 10.0, 0.025, 8),
             *_ticks("sampling", 80.0, 0.2, 20.0, 0.025, 4),
         ],
-        # window 600 s/unit at 12/13 trust against the job's 1600/3: 0.3 of sampling left,
-        # then 0.4 at 1600/3
-        [(160.0, 15280.0 / 39.0)],
+        # window 600 s/unit at 12/13 trust against the job's 1600/3: 0.35 of sampling left,
+        # then 0.35 at 1600/3
+        [(160.0, 15400.0 / 39.0)],
     ),
     Case(
         "a slowdown part-way, 8 ticks in: the last 8 ticks are all slow",
@@ -66,8 +66,8 @@ CASES = [
             *_ticks("sampling", 0.0, 0.0, 10.0, 0.025, 8),
             *_ticks("sampling", 80.0, 0.2, 20.0, 0.025, 8),
         ],
-        # window 800 s/unit at 16/17 trust against the job's 600: 0.2 left, then 0.4 at 600
-        [(240.0, 6760.0 / 17.0)],
+        # window 800 s/unit at 16/17 trust against the job's 600: 0.25 left, then 0.35 at 600
+        [(240.0, 6920.0 / 17.0)],
     ),
     Case(
         "a stall beyond 1.5 median ticks lengthens the estimate",
@@ -112,7 +112,7 @@ CASES = [
         "a stage's share never runs past the end of the job",
         None,
         [(0.0, 0.0, "loading"), (10.0, 0.5, "sampling"), (20.0, 0.75, "sampling")],
-        # rate 40 and the job's 80/3 s/unit, half each; sampling's 0.6 share is cut at 1.0
+        # rate 40 and the job's 80/3 s/unit, half each; sampling's 0.65 share is cut at 1.0
         [(20.0, 25.0 / 3.0)],
     ),
     Case(
@@ -123,8 +123,8 @@ CASES = [
             *_ticks("sampling", 0.0, 0.0, 10.0, 0.125, 4),
             (50.0, 0.5, "decoding"),
         ],
-        # 100 s per unit: decoding's 0.15 share in 15 s, the last 0.35 in 35 s
-        [(50.0, 50.0), (60.0, 40.0)],
+        # 100 s per unit: decoding's 0.08 share in 8 s, the last 0.42 in 42 s; then 2 s overdue
+        [(50.0, 50.0), (55.0, 45.0), (60.0, 44.0)],
     ),
     Case(
         "a stage without ticks expects its prior share, then grows past it",
@@ -155,8 +155,8 @@ CASES = [
             *_ticks("sampling", 0.0, 0.0, 10.0, 0.25, 2),
             (20.0, 0.5, "decoding"),
         ],
-        # 40 s per unit; decoding's default share 0.15 takes 6 s, then 0.35 more units.
-        [(20.0, 20.0), (26.0, 14.0), (30.0, 18.0)],
+        # 40 s per unit; decoding's default share 0.08 takes 3.2 s, then 0.42 more units.
+        [(20.0, 20.0), (23.0, 17.0), (30.0, 23.6)],
     ),
     Case(
         "an unknown stage has no share: everything left goes at the job's pace",
@@ -188,8 +188,8 @@ CASES = [
             *_ticks("sampling", 0.0, 0.0, 10.0, 0.125, 4),
             (40.0, 0.25, "decoding"),
         ],
-        # 80 s per unit; decoding's share 0.15 is due in 12 s, then the stall grows it.
-        [(40.0, 40.0), (52.0, 28.0), (55.0, 31.0)],
+        # 80 s per unit; decoding's share 0.08 is due in 6.4 s, then the stall grows it.
+        [(40.0, 40.0), (46.0, 34.0), (55.0, 42.2)],
     ),
     Case(
         "growth by float rounding is not progress",

@@ -127,14 +127,80 @@ TWO_PASS = {
 }
 
 
-def test_two_pass_sampling_is_one_job_split_by_steps() -> None:
+def test_two_pass_sampling_is_one_job_split_by_steps_run() -> None:
     workflow = Workflow.from_graph(TWO_PASS)
     weights = workflow.weights()
     assert set(weights) == {"4", "5", "10", "11", "8", "9"}
     assert sum(weights.values()) == pytest.approx(1.0)
-    assert weights["10"] == pytest.approx(0.60 * 30 / 40)
-    assert weights["11"] == pytest.approx(0.60 * 10 / 40)
-    assert weights["4"] == pytest.approx(0.10)
+    assert (workflow.nodes["10"].steps, workflow.nodes["11"].steps) == (24, 10)
+    # default shares of the stages present (no processing node: 0.97 in all)
+    assert weights["10"] == pytest.approx(0.65 / 0.97 * 24 / 34)
+    assert weights["11"] == pytest.approx(0.65 / 0.97 * 10 / 34)
+    assert weights["4"] == pytest.approx(0.15 / 0.97)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "steps"),
+    [
+        ({"steps": 30, "start_at_step": 24, "end_at_step": 10000}, 6),
+        ({"steps": 20, "start_at_step": 0, "end_at_step": 10}, 10),
+        ({"steps": 20, "start_at_step": 20}, None),
+        ({"steps": 20, "start_at_step": -3}, 20),
+        ({"steps": "20"}, None),
+    ],
+)
+def test_sampler_steps_are_the_steps_it_runs(inputs: dict[str, Any], steps: int | None) -> None:
+    workflow = Workflow.from_graph({"3": node("KSamplerAdvanced", **inputs)})
+    assert workflow.nodes["3"].steps == steps
+
+
+HIRES_FIX = {
+    "4": node("CheckpointLoaderSimple", ckpt_name="sd15.safetensors"),
+    "5": node("EmptyLatentImage", batch_size=1, width=512, height=768),
+    "3": node("KSampler", steps=30, latent_image=["5", 0]),
+    "8": node("VAEDecode", samples=["3", 0], vae=["4", 2]),
+    "12": node("ImageScaleBy", image=["8", 0], upscale_method="lanczos", scale_by=1.5),
+    "13": node("VAEEncode", pixels=["12", 0], vae=["4", 2]),
+    "14": node("KSampler", steps=15, latent_image=["13", 0], denoise=0.5),
+    "15": node("LatentUpscaleBy", samples=["14", 0], scale_by=2.0),
+    "16": node("KSampler", steps=4, latent_image=["15", 0]),
+    "17": node("LatentUpscale", samples=["16", 0], width=640, height=640),
+    "18": node("KSampler", steps=2, latent_image=["17", 0]),
+}
+
+
+def test_samplers_are_weighted_by_steps_times_the_pixels_they_denoise() -> None:
+    workflow = Workflow.from_graph(HIRES_FIX)
+    base = 512 * 768 / 512**2
+    work = {n: workflow.nodes[n].work for n in ("3", "14", "16", "18")}
+    assert work == pytest.approx(
+        {"3": 30 * base, "14": 15 * base * 2.25, "16": 4 * base * 9.0, "18": 2 * 640**2 / 512**2}
+    )
+    assert workflow.nodes["8"].work == 1.0
+    weights = workflow.weights({"sampling": 1.0})
+    assert weights["14"] / weights["3"] == pytest.approx(15 * 2.25 / 30)
+    assert workflow.cost == pytest.approx(sum(work.values()))
+
+
+@pytest.mark.parametrize(
+    "latent",
+    [
+        ["99", 0],
+        ["x", 0],
+        ["loop", 0],
+        "not a link",
+    ],
+)
+def test_a_sampler_whose_latent_cannot_be_traced_uses_the_largest_size_in_the_graph(
+    latent: Any,
+) -> None:
+    graph = {
+        "x": "junk",
+        "loop": node("LatentUpscaleBy", samples=["loop", 0], scale_by=2.0),
+        "5": node("EmptyLatentImage", batch_size=1, width=1024, height=1024),
+        "3": node("KSampler", steps=10, latent_image=latent),
+    }
+    assert Workflow.from_graph(graph).nodes["3"].work == 10 * 4.0
 
 
 def test_prior_replaces_default_shares() -> None:

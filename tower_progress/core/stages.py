@@ -133,12 +133,12 @@ LABELS: Mapping[Stage, str] = {
 
 # Share of a typical job's wall time per stage, used until a workflow has history.
 DEFAULT_WEIGHTS: Mapping[Stage, float] = {
-    Stage.LOADING: 0.10,
+    Stage.LOADING: 0.15,
     Stage.PREPARING: 0.05,
-    Stage.SAMPLING: 0.60,
-    Stage.DECODING: 0.15,
-    Stage.ENCODING: 0.10,
-    Stage.PROCESSING: 0.05,
+    Stage.SAMPLING: 0.65,
+    Stage.DECODING: 0.08,
+    Stage.ENCODING: 0.04,
+    Stage.PROCESSING: 0.03,
 }
 
 _MATCHERS = {
