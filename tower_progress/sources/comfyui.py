@@ -1,8 +1,9 @@
 """One ComfyUI instance: its websocket stream plus ``/queue`` and ``/history`` polling.
 
-The websocket (``websockets``' reconnecting ``connect`` iterator, fed our own capped
-exponential backoff with jitter, reset after each success; client pings since ComfyUI sends
-none; no size limit) feeds every text frame to the tracker. Because ComfyUI routes a prompt's
+The websocket (``websockets``' reconnecting ``connect`` iterator, fed our own capped exponential
+backoff with jitter, reset after each success; client pings since ComfyUI sends none; no size
+limit; no permessage-deflate, which would cost both ends CPU on every progress frame for a few
+hundred bytes saved) feeds every text frame to the tracker. Because ComfyUI routes a prompt's
 events only to its submitter, ``/queue`` is polled on every ``status`` frame and every
 ``busy_poll_s`` while prompts are active, then ``/history/{id}`` for prompts that left it (queue
 first, then history: the other order can miss a prompt). Garbage from ComfyUI is logged with
@@ -151,6 +152,7 @@ class ComfySource:
             async for ws in connect(
                 self._ws_url,
                 max_size=None,
+                compression=None,
                 open_timeout=self._open_timeout_s,
                 ping_interval=self._ping_interval_s,
                 ping_timeout=self._ping_interval_s,
