@@ -18,6 +18,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -504,6 +505,34 @@ async def test_samples_round_trip_with_minimum_interval(history_pool: asyncpg.Po
     assert await history.samples("other") == []
 
 
+async def test_a_job_the_tracker_did_not_see_run_never_overwrites_history(
+    history_pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    history = History(history_pool)
+    history.record_finished(finished("seen", T0, "fp", sampling=12.0))
+    await history.flush()
+    late = finished("seen", T0 + timedelta(hours=1), None)
+    late.job["title"] = "from the row alone"
+    history.record_finished(replace(late, witnessed=False))
+    history.record_finished(replace(finished("new", T0, None), witnessed=False))
+    await history.flush()
+    rows = await conn.fetch(
+        "SELECT job_id, title, finished_at FROM tower_progress.finished_jobs ORDER BY job_id"
+    )
+    assert [tuple(r) for r in rows] == [("new", "title new", T0), ("seen", "title seen", T0)]
+    assert (await history.load_priors())["fp"] == [{"sampling": 12.0}]
+
+
+async def test_a_forgotten_job_keeps_no_sample_clock(history_pool: asyncpg.Pool) -> None:
+    history = History(history_pool, min_sample_interval=2.0)
+    assert history.record_sample("comfy:p1", T0_EPOCH, 5.0, "sampling", 1)
+    assert not history.record_sample("comfy:p1", T0_EPOCH + 1, 6.0, "sampling", 2)
+    history.forget("comfy:p1")
+    history.forget("never-seen")
+    assert history.record_sample("comfy:p1", T0_EPOCH + 1, 6.0, "sampling", 2)
+    assert history.pending == 2
+
+
 async def test_finished_jobs_keyset_pagination(history_pool: asyncpg.Pool) -> None:
     history = History(history_pool)
     for job_id, minute in (("j1", 1), ("j2", 2), ("j3", 3), ("j4", 3), ("j5", 5)):
@@ -520,6 +549,36 @@ async def test_finished_jobs_keyset_pagination(history_pool: asyncpg.Pool) -> No
         await history.finished_jobs(limit=2, before="%%%")
     with pytest.raises(ValueError, match="limit"):
         await history.finished_jobs(limit=0)
+
+
+async def test_a_large_batch_is_written_whole_and_a_job_finished_twice_keeps_its_last(
+    history_pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    history = History(history_pool, batch_size=5000)
+    for index in range(1500):
+        history.record_finished(
+            finished(f"j{index}", T0, "fp-big", loading=1.0, sampling=float(index))
+        )
+    again = finished("j7", T0 + timedelta(minutes=1), "fp-big", sampling=99.0)
+    again.job["title"] = "second"
+    history.record_finished(again)
+    history.record_sample("j1", T0_EPOCH, 10.0, "sampling", 2)
+    await history.flush()
+    assert history.pending == 0
+    assert await conn.fetchval("SELECT count(*) FROM tower_progress.finished_jobs") == 1500
+    assert await conn.fetchval("SELECT count(*) FROM tower_progress.stage_durations") == 3000
+    assert await conn.fetchval("SELECT count(*) FROM tower_progress.progress_samples") == 1
+    assert await conn.fetchrow(
+        "SELECT title, finished_at FROM tower_progress.finished_jobs WHERE job_id = 'j7'"
+    ) == ("second", T0 + timedelta(minutes=1))
+    stages = await conn.fetch(
+        "SELECT stage, seconds FROM tower_progress.stage_durations WHERE job_id = 'j7' "
+        "ORDER BY stage"
+    )
+    assert [tuple(r) for r in stages] == [("loading", 1.0), ("sampling", 99.0)]
+    assert (await history.load_priors(limit_per_fingerprint=1))["fp-big"] == [
+        {"loading": 1.0, "sampling": 99.0}
+    ]
 
 
 async def test_prune_deletes_only_what_is_older_than_the_retention(

@@ -160,7 +160,9 @@ async def test_sigterm_closes_clients_with_1001_notifies_systemd_and_stops_embed
 async def test_info_logs_no_progress_lines_and_no_secrets_while_a_job_samples(
     home: Path, comfy: ComfyServer, secret_dsn: str, pg_dsn: str, started: list[DaemonProcess]
 ) -> None:
-    daemon = await start_with_secrets(home, comfy, secret_dsn, started, resources_interval_s="0.25")
+    daemon = await start_with_secrets(
+        home, comfy, secret_dsn, started, resources_interval_s="0.25", progress_interval_s="0"
+    )
     producer = Producer(dsn=pg_dsn, comfyui_url=comfy.url, seed=5)
     url = f"{daemon.ws_url}?token={TOKEN}"
     try:

@@ -181,6 +181,30 @@ def test_percent_never_decreases_and_milestones_fire_once() -> None:
     assert marks == [25, 50, 75]
 
 
+def test_progress_alone_is_emitted_at_most_every_interval_and_the_rest_at_once() -> None:
+    tracker = Tracker(TrackerConfig(progress_interval_s=0.1))
+    tracker.apply(queue(["p1"], []), T0)
+    tracker.apply(msg("execution_start", prompt_id="p1"), T0)
+    tracker.apply(msg("executing", node="3", prompt_id="p1"), T0)
+
+    def steps_seen(events: list[Any]) -> list[int | None]:
+        return [e.job["step"] for e in events if isinstance(e, JobChanged)]
+
+    events: list[Any] = []
+    for step in range(1, 9):
+        t = T0 + step * 0.04
+        events += tracker.apply(msg("progress", value=step, max=20, node="3", prompt_id="p1"), t)
+    assert steps_seen(events) == [1, 4, 7]
+    held = tracker.apply(Tick(), T0 + 0.5)
+    assert steps_seen(held) == [8]
+    assert tracker.apply(Tick(), T0 + 0.6) == []
+    at_once = tracker.apply(msg("progress", value=9, max=20, node="3", prompt_id="p1"), T0 + 0.51)
+    at_once += tracker.apply(msg("executing", node="8", prompt_id="p1"), T0 + 0.52)
+    assert [(e.job["stage"], e.job["step"]) for e in at_once if isinstance(e, JobChanged)] == [
+        ("decoding", None)
+    ]
+
+
 def test_prompt_deleted_from_queue_is_canceled() -> None:
     tracker = Tracker()
     tracker.apply(queue(["p1"], ["p2"]), T0)
@@ -267,6 +291,29 @@ def test_finished_jobs_beyond_the_cap_are_removed() -> None:
     assert len(tracker.jobs()) == 10
 
 
+def test_a_let_go_job_stays_gone_until_its_row_changes() -> None:
+    """The reconcile query returns recently finished rows every time: unchanged, they must not
+    come back as jobs (and finish again) once the cap let them go."""
+    tracker = Tracker(TrackerConfig(finished_cap=2, let_go_cap=3))
+    for i in range(5):
+        tracker.apply(JobRow(str(i), "done", updated_at=T0 + i), T0 + i)
+    assert [job["id"] for job in tracker.jobs()] == ["3", "4"]
+    for i in range(5):
+        assert tracker.apply(JobRow(str(i), "done", updated_at=T0 + i), T0 + 10) == []
+    assert [job["id"] for job in tracker.jobs()] == ["3", "4"]
+    retried = tracker.apply(JobRow("1", "queued", updated_at=T0 + 20), T0 + 20)
+    assert [e.job["state"] for e in retried if isinstance(e, JobChanged)] == ["pending"]
+    events = tracker.apply(JobRow("5", "done", updated_at=T0 + 21), T0 + 21)
+    events += tracker.apply(JobRow("6", "done", updated_at=T0 + 22), T0 + 22)
+    events += tracker.apply(JobRow("7", "done", updated_at=T0 + 23), T0 + 23)
+    assert [e.id for e in events if isinstance(e, JobRemoved)] == ["3", "4", "5"]
+    # Only the newest three let-go rows are remembered: "0" is forgotten and comes back.
+    again = tracker.apply(JobRow("0", "done", updated_at=T0), T0 + 30)
+    finished = [e for e in again if isinstance(e, JobFinished)]
+    assert [(e.job["id"], e.witnessed) for e in finished] == [("0", False)]
+    assert tracker.apply(JobRow("4", "done", updated_at=T0 + 4), T0 + 30) == []
+
+
 def test_row_deleted_removes_the_job() -> None:
     tracker = Tracker()
     tracker.apply(JobRow("1", "pending"), T0)
@@ -313,6 +360,11 @@ def test_wall_clock_stepping_back_never_raises_and_keeps_progress() -> None:
     job = tracker.job("comfy:p1")
     assert job is not None
     assert job["step"] == 4
+    throttled = Tracker(TrackerConfig(progress_interval_s=0.1))
+    throttled.apply(queue(["p1"], []), T0)
+    t = run_steps(throttled, "p1", 3, T0)
+    throttled.apply(msg("progress", value=4, max=10, node="3", prompt_id="p1"), t - 60)
+    assert (throttled.job("comfy:p1") or {})["step"] == 4
 
 
 def test_queued_job_eta_comes_from_the_workflow_prior() -> None:

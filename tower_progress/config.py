@@ -70,6 +70,7 @@ class Settings:
     finished_cap: int = 500
     stall_factor: float = 5.0
     stall_min_s: float = 20.0
+    progress_interval_s: float = 0.1
     resources_interval_s: float = 2.0
     comfyui_pid: int | None = None
     state_dir: Path = Path()
@@ -301,6 +302,13 @@ SPECS: tuple[Spec, ...] = (
         "stall_min_s",
         _float_range(1, 86400),
         "never stalled before this many seconds without progress",
+    ),
+    Spec(
+        "tracker.progress_interval_s",
+        "TOWER_PROGRESS_PROGRESS_INTERVAL_S",
+        "progress_interval_s",
+        _float_range(0, 10),
+        "seconds between two progress-only updates of one job (0: every step)",
     ),
     Spec(
         "resources.interval_s",

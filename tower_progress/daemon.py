@@ -120,6 +120,8 @@ class Pipeline:
                 self._history.record_finished(event)
             elif isinstance(event, JobRemoved):
                 self._states.pop(event.id, None)
+                if self._history is not None:
+                    self._history.forget(event.id)
 
     def _log_transition(self, job: JsonDict) -> None:
         """One INFO line per state change; progress itself is never logged."""
@@ -169,6 +171,7 @@ def tracker_config(settings: Settings) -> TrackerConfig:
         finished_cap=settings.finished_cap,
         stall_factor=settings.stall_factor,
         stall_min_s=settings.stall_min_s,
+        progress_interval_s=settings.progress_interval_s,
     )
 
 

@@ -11,6 +11,8 @@ from tower_progress.core.stages import LABELS
 
 # Fields that change with the clock alone; they do not make a job "changed".
 VOLATILE = frozenset({"updated_at", "elapsed_s", "eta_s", "eta_at", "velocity"})
+# Fields that move with every step; a change of these alone may wait a little (tracker).
+PROGRESS = frozenset({"percent", "step", "frames_done", "eta_bucket"})
 _ETA_BUCKET_S = 10.0
 
 

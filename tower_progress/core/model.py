@@ -198,11 +198,14 @@ class JobFinished:
     """A job reached a terminal state; carries what history needs to learn ETA priors.
 
     ``stage_seconds`` maps stage name to seconds spent in it (cached nodes excluded).
+    ``witnessed`` is False for a row that was already terminal when the tracker first saw it
+    with no ComfyUI prompt (after a restart, say): its view knows less than history may.
     """
 
     job: JsonDict
     fingerprint: str | None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    witnessed: bool = True
 
 
 Event = JobChanged | JobRemoved | Milestone | ResourcesChanged | SourceChanged | JobFinished

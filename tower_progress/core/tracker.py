@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tower_progress.core.eta import expected_duration, stage_prior
-from tower_progress.core.job_view import iso, render, volatile_free
+from tower_progress.core.job_view import PROGRESS, iso, render, volatile_free
 from tower_progress.core.model import (
     ComfyMessage,
     Event,
@@ -68,6 +68,12 @@ class TrackerConfig:
     stall_min_s: float = 20.0
     gpu_idle_percent: float = 10.0
     priors_per_workflow: int = 20
+    progress_interval_s: float = 0.0
+    """A change of progress alone (percent, step, frames) is emitted at most this often per
+    job; anything else at once. What is held back goes out with the next change or tick."""
+    let_go_cap: int = 10_000
+    """Finished jobs remembered after the cap let them go, so that the reconcile query's
+    unchanged copy of their row does not bring them back (more than it returns at once)."""
 
 
 @dataclass
@@ -103,6 +109,7 @@ class Tracker:
         self._prompts: dict[str, Prompt] = {}
         self._prompt_job: dict[str, str] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
+        self._let_go: OrderedDict[str, int] = OrderedDict()
         self._instances = {name: _Instance() for name in self._config.instances}
         keep = self._config.priors_per_workflow
         self._runs: dict[str, list[Mapping[str, float]]] = {
@@ -201,6 +208,9 @@ class Tracker:
     def _row(self, row: JobRow, now: float, events: list[Event]) -> list[str]:
         job = self._jobs.get(row.id)
         if job is None:
+            if self._let_go.pop(row.id, None) == hash(row):
+                self._let_go[row.id] = hash(row)
+                return []
             job = self._jobs[row.id] = Job(row.id, first_seen=now)
         self._config.status_map.check(row.status, row.id)
         touched = [row.id]
@@ -406,7 +416,7 @@ class Tracker:
             first_seen=job.first_seen,
         )
         key = volatile_free(view, now)
-        if key == job.last_key:
+        if key == job.last_key or self._too_soon(job, key, now):
             return
         job.updated_at = now
         view["updated_at"] = iso(now)
@@ -423,6 +433,14 @@ class Tracker:
                 Milestone(job.id, 100 if state is JobState.COMPLETED else int(percent), state.value)
             )
             self._finished_job(job, prompt, view, events)
+
+    def _too_soon(self, job: Job, key: JsonDict, now: float) -> bool:
+        """A progress-only change within ``progress_interval_s`` of the last emitted one (a
+        wall clock stepped back does not hold it)."""
+        last = job.last_key
+        if last is None or not 0 <= now - job.updated_at < self._config.progress_interval_s:
+            return False
+        return all(key[k] == last[k] for k in key if k not in PROGRESS)
 
     def _state(self, job: Job, prompt: Prompt | None) -> JobState:
         row_state = self._config.status_map.state(job.row.status) if job.row else None
@@ -512,11 +530,16 @@ class Tracker:
                 duration = prompt.finished_at - prompt.started_at
                 self._seconds_per_cost.append(duration / prompt.workflow.cost)
                 del self._seconds_per_cost[:-50]
-        events.append(JobFinished(view, fingerprint, seconds))
+        events.append(JobFinished(view, fingerprint, seconds, witnessed=prompt is not None))
         self._finished[job.id] = None
         while len(self._finished) > self._config.finished_cap:
             oldest, _ = self._finished.popitem(last=False)
+            row = self._jobs[oldest].row
             self._drop(oldest, events)
+            if row is not None:
+                self._let_go[oldest] = hash(row)
+                while len(self._let_go) > self._config.let_go_cap:
+                    self._let_go.popitem(last=False)
 
     def _drop(self, job_id: str, events: list[Event]) -> None:
         job = self._jobs.pop(job_id)

@@ -47,6 +47,32 @@ class DatabaseUnavailable(ConnectionError):
     unreachable backends alike need nothing special)."""
 
 
+_FINISHED_COLUMNS = (
+    "job_id",
+    "title",
+    "state",
+    "started_at",
+    "finished_at",
+    "duration_s",
+    "instance",
+    "prompt_id",
+    "error",
+    "job",
+)
+_FINISHED_VALUES = (
+    f"INSERT INTO tower_progress.finished_jobs ({', '.join(_FINISHED_COLUMNS)}) "
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], "
+    "$5::timestamptz[], $6::double precision[], $7::text[], $8::text[], $9::jsonb[], "
+    "$10::jsonb[]) ON CONFLICT (job_id) DO "
+)
+_FINISHED_INSERT = _FINISHED_VALUES + "NOTHING"
+_FINISHED_UPSERT = (
+    _FINISHED_VALUES
+    + "UPDATE SET "
+    + ", ".join(f"{column} = EXCLUDED.{column}" for column in _FINISHED_COLUMNS[1:])
+)
+
+
 class History:
     """Buffered writer and reader of ``tower_progress`` history tables on an asyncpg pool.
 
@@ -128,6 +154,11 @@ class History:
             self._last_sample.popitem(last=False)
         self._append(sample)
         return True
+
+    def forget(self, job_id: str) -> None:
+        """The job left the tracker (capped, deleted, merged into its row): stop rating its
+        samples, so the per-job bookkeeping lives no longer than the job."""
+        self._last_sample.pop(job_id, None)
 
     def record_finished(self, event: JobFinished) -> bool:
         """Buffer a finished job and, when it has a fingerprint, its stage durations."""
@@ -263,8 +294,20 @@ class History:
         self._report_recovery()
 
     async def _write_batch(self, batch: list[Entry]) -> None:
+        """One statement per table, whatever the batch size: a batch of a thousand finished
+        jobs is three round trips, not thousands (which outlasted ``io_timeout`` on a busy
+        box and was retried for ever). Later entries win, as they would in separate batches:
+        a job finished twice keeps its last row, each of its stages its last duration. A job
+        the tracker did not see run is only added, never written over what history knows."""
         samples = [e for e in batch if isinstance(e, Sample)]
-        finished = [e for e in batch if isinstance(e, Finished)]
+        every = [e for e in batch if isinstance(e, Finished)]
+        finished = list({f.job_id: f for f in every}.values())
+        durations = {
+            (f.job_id, stage): (f.fingerprint, seconds, f.finished_at)
+            for f in every
+            if f.fingerprint is not None
+            for stage, seconds in f.stage_seconds
+        }
         async with self._pool.acquire() as conn, conn.transaction():
             if samples:
                 await conn.execute(
@@ -277,39 +320,28 @@ class History:
                     [s.stage for s in samples],
                     [s.step for s in samples],
                 )
-            for f in finished:
-                await conn.execute(
-                    "INSERT INTO tower_progress.finished_jobs (job_id, title, state, started_at, "
-                    "finished_at, duration_s, instance, prompt_id, error, job) "
-                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb) "
-                    "ON CONFLICT (job_id) DO UPDATE SET title = EXCLUDED.title, "
-                    "state = EXCLUDED.state, started_at = EXCLUDED.started_at, "
-                    "finished_at = EXCLUDED.finished_at, duration_s = EXCLUDED.duration_s, "
-                    "instance = EXCLUDED.instance, prompt_id = EXCLUDED.prompt_id, "
-                    "error = EXCLUDED.error, job = EXCLUDED.job",
-                    f.job_id,
-                    f.title,
-                    f.state,
-                    f.started_at,
-                    f.finished_at,
-                    f.duration_s,
-                    f.instance,
-                    f.prompt_id,
-                    f.error,
-                    f.job,
-                )
-                if f.fingerprint is not None and f.stage_seconds:
-                    await conn.executemany(
-                        "INSERT INTO tower_progress.stage_durations "
-                        "(fingerprint, job_id, stage, seconds, finished_at) "
-                        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (job_id, stage) DO UPDATE SET "
-                        "fingerprint = EXCLUDED.fingerprint, seconds = EXCLUDED.seconds, "
-                        "finished_at = EXCLUDED.finished_at",
-                        [
-                            (f.fingerprint, f.job_id, stage, seconds, f.finished_at)
-                            for stage, seconds in f.stage_seconds
-                        ],
+            for witnessed in (True, False):
+                rows = [f for f in finished if f.witnessed is witnessed]
+                if rows:
+                    await conn.execute(
+                        _FINISHED_UPSERT if witnessed else _FINISHED_INSERT,
+                        *([getattr(f, column) for f in rows] for column in _FINISHED_COLUMNS),
                     )
+            if durations:
+                await conn.execute(
+                    "INSERT INTO tower_progress.stage_durations "
+                    "(job_id, stage, fingerprint, seconds, finished_at) "
+                    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], "
+                    "$4::double precision[], $5::timestamptz[]) "
+                    "ON CONFLICT (job_id, stage) DO UPDATE SET "
+                    "fingerprint = EXCLUDED.fingerprint, seconds = EXCLUDED.seconds, "
+                    "finished_at = EXCLUDED.finished_at",
+                    [job_id for job_id, _ in durations],
+                    [stage for _, stage in durations],
+                    [v[0] for v in durations.values()],
+                    [v[1] for v in durations.values()],
+                    [v[2] for v in durations.values()],
+                )
 
     async def _loop(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()

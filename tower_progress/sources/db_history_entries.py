@@ -41,6 +41,7 @@ class Finished:
     prompt_id: str | None
     error: str | None
     job: str
+    witnessed: bool = True
 
 
 Entry = Sample | Finished
@@ -102,6 +103,7 @@ def make_finished(event: JobFinished, now: float) -> tuple[Finished | None, list
         prompt_id=_text(job.get("prompt_id")),
         error=None if error is None else json.dumps(error, default=str),
         job=json.dumps(job, default=str),
+        witnessed=event.witnessed,
     )
     return entry, problems
 
