@@ -149,6 +149,22 @@ def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
             "[database]\ncolumns = 5\n",
             "config error: database.columns = 5 is not allowed: a table of name = column",
         ),
+        (
+            '[database.columns]\ncomfyui_job_id = "prompt"\n'
+            '[database.write_back_columns]\nstage = "prompt"\n',
+            "config error: database.write_back_columns.stage = 'prompt' is not allowed: "
+            "a column the daemon does not read (not one of [database.columns])",
+        ),
+        (
+            '[database.write_back_columns]\nstage = "status"\n',
+            "config error: database.write_back_columns.stage = 'status' is not allowed: "
+            "a column the daemon does not read (not one of [database.columns])",
+        ),
+        (
+            "[database]\nwrite_back = true\n",
+            "config error: database.write_back = True is not allowed: "
+            "true only with a [database.write_back_columns] table",
+        ),
     ],
 )
 def test_bad_column_tables(tmp_path: Path, toml: str, message: str) -> None:

@@ -635,3 +635,35 @@ async def test_read_only_state_dir_with_the_embedded_database_exits_with_one_lin
     assert f"cannot start: state directory {home / 'state'}: " in errors[0]
     assert "Read-only file system" in errors[0] or "Permission denied" in errors[0]
     assert not any("Traceback" in line for line in lines)
+
+
+async def test_a_jobs_table_without_its_status_column_stops_start_up_with_one_line(
+    home: Path, pg_dsn: str
+) -> None:
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("DROP TABLE IF EXISTS public.no_status_jobs")
+        await conn.execute("CREATE TABLE public.no_status_jobs (id bigint PRIMARY KEY, title text)")
+    finally:
+        await conn.close()
+    comfy = await ComfyServer(FakeComfyUI(speed=SPEED)).start()
+    env = daemon_env(
+        home,
+        free_port(),
+        database_url=pg_dsn,
+        comfyui_url=comfy.url,
+        jobs_table="public.no_status_jobs",
+    )
+    daemon = await DaemonProcess.start(env)
+    try:
+        assert await asyncio.wait_for(daemon.proc.wait(), 30) == 1
+    finally:
+        await daemon.kill()
+        await comfy.stop()
+    lines = daemon.log_lines()
+    errors = [line for line in lines if " ERROR " in line]
+    assert len(errors) == 1, "\n".join(lines)
+    assert errors[0].endswith(
+        "cannot start: database.columns.status: column 'status' not found in public.no_status_jobs"
+    ), errors[0]
+    assert not any("serving on" in line or "Traceback" in line for line in lines)

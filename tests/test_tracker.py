@@ -205,6 +205,28 @@ def test_progress_alone_is_emitted_at_most_every_interval_and_the_rest_at_once()
     ]
 
 
+@pytest.mark.parametrize(
+    ("outputs", "status", "frames_done"),
+    [
+        ({"9": {"gifs": [{"filename": "a.mp4", "type": "output"}]}}, "success", None),
+        ({"9": {"images": [{"filename": "p.png", "type": "temp"}]}}, "error", 0),
+        ({}, "success", 0),
+    ],
+    ids=["uncountable-video", "only-previews", "nothing-written"],
+)
+def test_frames_done_of_a_finished_job_is_never_a_guess(
+    outputs: dict[str, Any], status: str, frames_done: int | None
+) -> None:
+    graph = {"9": {"class_type": "VHS_VideoCombine", "inputs": {"images": ["8", 0]}}}
+    tracker = Tracker()
+    tracker.apply(QueueSnapshot("local", (QueueItem(1, "p1", graph, "other"),), ()), T0)
+    entry = {"outputs": outputs, "status": {"status_str": status, "completed": True}}
+    tracker.apply(HistoryEntry("local", "p1", entry), T0 + 1)
+    job = tracker.job("comfy:p1")
+    assert job is not None
+    assert (job["frames_total"], job["frames_done"]) == (None, frames_done)
+
+
 def test_prompt_deleted_from_queue_is_canceled() -> None:
     tracker = Tracker()
     tracker.apply(queue(["p1"], ["p2"]), T0)

@@ -424,10 +424,21 @@ def load(path: Path | None, env: Mapping[str, str] | None = None) -> Settings:
     values["write_back_columns"] = _column_table(
         data, "database.write_back_columns", WRITE_BACK_FIELDS
     )
+    for name, column in values["write_back_columns"].items():
+        if column in columns.values():
+            raise ConfigError(
+                f"database.write_back_columns.{name}",
+                column,
+                "a column the daemon does not read (not one of [database.columns])",
+            )
     values["status_map"] = _status_map(data)
     values["comfyui"] = _instances(data, env)
     settings = Settings(**values)
     _check_bind(settings)
+    if settings.write_back and not settings.write_back_columns:
+        raise ConfigError(
+            "database.write_back", True, "true only with a [database.write_back_columns] table"
+        )
     return settings
 
 

@@ -43,6 +43,7 @@ from tower_progress.sources.database import (
     History,
     JobTableListener,
     MigrationError,
+    SchemaError,
     WriteBack,
     migrate,
 )
@@ -266,7 +267,7 @@ async def _serve(
             columns=settings.write_back_columns,
             terminal_statuses=terminal,
         )
-        if settings.write_back and settings.write_back_columns
+        if settings.write_back
         else None
     )
     pipeline = Pipeline(tracker, hub, metrics, history, write_back)
@@ -316,6 +317,10 @@ async def _serve(
         token=settings.token,
         allowed_hosts=allowed,
     )
+    try:
+        await listener.check()
+    except SchemaError as exc:
+        raise StartupError(str(exc)) from exc
     try:
         runner = await serve(app, settings.host, settings.port)
     except OSError as exc:

@@ -61,7 +61,9 @@ def render(
     if p is not None and p.live_frames is not None and state is JobState.RUNNING:
         frames_done = p.live_frames
     elif frames_done is None and p is not None and p.state.terminal:
-        frames_done = None if p.state is JobState.LOST else 0
+        # Nothing written is 0 frames; outputs that cannot be counted are unknown.
+        wrote = bool(p.output_files())
+        frames_done = None if p.state is JobState.LOST or wrote else 0
     sampling = p is not None and stage is Stage.SAMPLING and state is JobState.RUNNING
     view: dict[str, Any] = {
         "id": job_id,

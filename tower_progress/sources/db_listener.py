@@ -120,6 +120,25 @@ class JobTableListener:
             with contextlib.suppress(asyncio.CancelledError):
                 await relay
 
+    async def check(self) -> None:
+        """Read the jobs table's columns once, before serving: ``SchemaError`` (one line) for a
+        missing table or required column. A database that cannot be reached is left to
+        ``run``, which waits for it."""
+        try:
+            conn = await asyncpg.connect(
+                self._dsn,
+                timeout=self._query_timeout,
+                server_settings={"application_name": APPLICATION_NAME},
+            )
+        except _DATABASE_AWAY:
+            return
+        try:
+            await self._resolve(conn)
+        except _DATABASE_AWAY:
+            return
+        finally:
+            await _close(conn)
+
     async def _relay_stop(self, stop: asyncio.Event) -> None:
         await stop.wait()
         self._wake.set()
