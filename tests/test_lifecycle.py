@@ -15,6 +15,7 @@ import signal
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from importlib.resources import files
 from pathlib import Path
 
 import asyncpg
@@ -268,6 +269,52 @@ async def test_migrate_applies_every_migration_once_and_reports_it(home: Path, p
         assert [row["name"] for row in recorded] == names
     finally:
         await admin.execute("DROP DATABASE IF EXISTS tp_lifecycle_migrate WITH (FORCE)")
+        await admin.close()
+
+
+async def test_two_daemons_starting_at_once_apply_each_migration_once(
+    home: Path, pg_dsn: str, comfy: ComfyServer, started: list[DaemonProcess]
+) -> None:
+    admin = await asyncpg.connect(pg_dsn)
+    await admin.execute("DROP DATABASE IF EXISTS tp_lifecycle_two")
+    await admin.execute("CREATE DATABASE tp_lifecycle_two")
+    dsn = pg_dsn.replace("/postgres?", "/tp_lifecycle_two?")
+    holder = await asyncpg.connect(dsn)
+    try:
+        reference = files("tower_progress") / "sql" / "reference" / "production_jobs.sql"
+        await holder.execute(reference.read_text(encoding="utf-8"))
+        await holder.execute("SELECT pg_advisory_lock(x'746F7765725F7072'::bigint)")
+        daemons = []
+        for name in ("a", "b"):
+            (home / name).mkdir()
+            env = daemon_env(home / name, free_port(), database_url=dsn, comfyui_url=comfy.url)
+            daemons.append(await DaemonProcess.start(env))
+        started.extend(daemons)
+        for _ in range(600):
+            waiting = await holder.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )
+            if waiting == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting == 2, "both daemons should wait for the migration lock"
+        await holder.execute("SELECT pg_advisory_unlock(x'746F7765725F7072'::bigint)")
+        for daemon in daemons:
+            assert (await daemon.wait_healthy())["status"] == "ok"
+        recorded = await holder.fetch(
+            "SELECT name FROM tower_progress.schema_migrations ORDER BY version"
+        )
+        assert [row["name"] for row in recorded] == [m.name for m in available_migrations()]
+        applied = [
+            [line for line in daemon.log_lines() if "applied migrations: " in line]
+            for daemon in daemons
+        ]
+        assert sorted(len(lines) for lines in applied) == [0, 1]
+        for daemon in daemons:
+            assert await daemon.stop() == 0
+    finally:
+        await holder.close()
+        await admin.execute("DROP DATABASE IF EXISTS tp_lifecycle_two WITH (FORCE)")
         await admin.close()
 
 
