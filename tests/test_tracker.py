@@ -354,6 +354,34 @@ def test_sources_and_resources_events() -> None:
     assert tracker.sources()["database"]["up"] is False
 
 
+def test_resources_read_stale_when_samples_stop_and_recover_when_they_return() -> None:
+    tracker = Tracker(TrackerConfig(resources_stale_s=10.0))
+    sample = ResourceSample(cpu_percent=5.0)
+
+    def changes(events: list[Any]) -> list[SourceChanged]:
+        return [e for e in events if isinstance(e, SourceChanged)]
+
+    assert changes(tracker.apply(Tick(), T0)) == []
+    tracker.apply(sample, T0)
+    assert changes(tracker.apply(Tick(), T0 + 10)) == []
+    assert changes(tracker.apply(Tick(), T0 + 11)) == [
+        SourceChanged("resources", False, "stale: no sample for 11 s")
+    ]
+    assert changes(tracker.apply(Tick(), T0 + 12)) == []
+    assert changes(tracker.apply(sample, T0 + 13)) == [SourceChanged("resources", True, None)]
+    hung = SourceStatus("resources", False, "NVML call hung")
+    assert changes(tracker.apply(hung, T0 + 14)) == [
+        SourceChanged("resources", False, "NVML call hung")
+    ]
+    assert changes(tracker.apply(Tick(), T0 + 30)) == [
+        SourceChanged("resources", False, "stale: no sample for 17 s")
+    ]
+    assert changes(tracker.apply(sample, T0 + 31)) == [
+        SourceChanged("resources", False, "NVML call hung")
+    ]
+    assert tracker.sources()["resources"]["up"] is False
+
+
 def test_bridge_instance_makes_every_prompt_full() -> None:
     config = TrackerConfig(instances={"local": InstanceConfig("me", bridge=True)})
     tracker = Tracker(config)

@@ -173,6 +173,7 @@ def tracker_config(settings: Settings) -> TrackerConfig:
         stall_factor=settings.stall_factor,
         stall_min_s=settings.stall_min_s,
         progress_interval_s=settings.progress_interval_s,
+        resources_stale_s=max(10.0, 5 * settings.resources_interval_s),
     )
 
 

@@ -68,6 +68,9 @@ class TrackerConfig:
     stall_min_s: float = 20.0
     gpu_idle_percent: float = 10.0
     priors_per_workflow: int = 20
+    resources_stale_s: float | None = None
+    """With no resource sample for this long the ``resources`` source reads as down (stale),
+    until samples come again; None never."""
     progress_interval_s: float = 0.0
     """A change of progress alone (percent, step, frames) is emitted at most this often per
     job; anything else at once. What is held back goes out with the next change or tick."""
@@ -117,6 +120,9 @@ class Tracker:
         }
         self._seconds_per_cost: list[float] = []
         self._resources: ResourceSample | None = None
+        self._resources_at: float | None = None
+        self._resources_late = False
+        self._sampler_status = SourceStatus(_RESOURCES, True)
         self._resources_view: JsonDict | None = None
         self._sources: dict[str, JsonDict] = {}
 
@@ -191,13 +197,21 @@ class Tracker:
                 touched = self._history(observation, now)
             case ResourceSample():
                 self._resources = observation
+                self._resources_at = now
+                if self._resources_late:
+                    self._resources_late = False
+                    self._source(self._sampler_status, now, events)
                 view = _resources_view(observation)
                 if view != self._resources_view:
                     self._resources_view = view
                     events.append(ResourcesChanged(view))
             case SourceStatus():
+                if observation.name == _RESOURCES:
+                    self._sampler_status = observation
+                    self._resources_late = False
                 touched = self._source(observation, now, events)
             case Tick():
+                self._check_resources(now, events)
                 touched = [j.id for j in self._jobs.values() if j.final is None]
         for job_id in dict.fromkeys(touched):
             self._emit(job_id, now, events)
@@ -396,6 +410,15 @@ class Tracker:
             inst.up = status.up
         return [j.id for j in self._jobs.values() if j.final is None]
 
+    def _check_resources(self, now: float, events: list[Event]) -> None:
+        """Mark the sampler stale once its samples stop (a stuck thread, a starved loop)."""
+        limit, last = self._config.resources_stale_s, self._resources_at
+        if limit is None or last is None or self._resources_late or now - last <= limit:
+            return
+        self._resources_late = True
+        detail = f"stale: no sample for {now - last:.0f} s"
+        self._source(SourceStatus(_RESOURCES, False, detail), now, events)
+
     # --- emission --------------------------------------------------------------------------
 
     def _emit(self, job_id: str, now: float, events: list[Event]) -> None:
@@ -550,6 +573,9 @@ class Tracker:
             if prompt is None or prompt.state.terminal or job_id.startswith("comfy:"):
                 self._prompts.pop(job.prompt_id, None)
         events.append(JobRemoved(job_id))
+
+
+_RESOURCES = "resources"
 
 
 def _number(value: Any) -> float | None:
