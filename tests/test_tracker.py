@@ -382,13 +382,34 @@ def test_resources_read_stale_when_samples_stop_and_recover_when_they_return() -
     assert tracker.sources()["resources"]["up"] is False
 
 
-def test_bridge_instance_makes_every_prompt_full() -> None:
+@pytest.mark.parametrize(
+    ("client_id", "events", "visibility"),
+    [
+        ("someone-else", [], "full"),
+        (None, [], "partial"),
+        (None, ["progress"], "partial"),
+        (None, ["execution_start", "executing"], "full"),
+    ],
+    ids=["owner-copied", "anonymous-queued", "anonymous-uncovered-version", "anonymous-covered"],
+)
+def test_bridge_visibility_follows_what_the_bridge_delivers(
+    client_id: str | None, events: list[str], visibility: str
+) -> None:
+    """The bridge copies owners' messages on every ComfyUI, those of prompts without a client
+    id only where it was checked: there the node events show, elsewhere only progress does."""
     config = TrackerConfig(instances={"local": InstanceConfig("me", bridge=True)})
     tracker = Tracker(config)
-    tracker.apply(queue([], ["p1"], client_id="someone-else"), T0)
+    tracker.apply(queue(["p1"], [], client_id=client_id), T0)
+    for kind in events:
+        data: dict[str, Any] = {"prompt_id": "p1"}
+        if kind == "executing":
+            data["node"] = "3"
+        if kind == "progress":
+            data.update(node="3", value=2, max=10)
+        tracker.apply(msg(kind, **data), T0 + 1)
     job = tracker.job("comfy:p1")
     assert job is not None
-    assert job["visibility"] == "full"
+    assert job["visibility"] == visibility
 
 
 @pytest.mark.parametrize(

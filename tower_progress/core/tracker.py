@@ -247,8 +247,6 @@ class Tracker:
         if prompt is None:
             inst = self._instances.setdefault(instance, _Instance())
             prompt = Prompt(prompt_id, instance, first_seen=now, epoch=inst.epoch)
-            if self._instance_config(instance).bridge:
-                prompt.visibility = Visibility.FULL
             self._prompts[prompt_id] = prompt
         if prompt_id not in self._prompt_job:
             job_id = f"comfy:{prompt_id}"
@@ -367,8 +365,11 @@ class Tracker:
         if prompt.workflow is None:
             prompt.client_id = item.client_id
             config = self._instance_config(prompt.instance)
+            # The bridge copies every owner's messages on any ComfyUI; those of a prompt
+            # without a client id only on versions it was checked against, which then shows
+            # as full from its first node event.
             if prompt.visibility is not Visibility.FULL:
-                if config.bridge or (item.client_id and item.client_id == config.client_id):
+                if item.client_id and (config.bridge or item.client_id == config.client_id):
                     prompt.visibility = Visibility.FULL
                 elif item.client_id is None:
                     prompt.visibility = Visibility.PARTIAL
