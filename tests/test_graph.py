@@ -127,6 +127,73 @@ TWO_PASS = {
 }
 
 
+@pytest.mark.parametrize(
+    ("class_type", "stage"),
+    [
+        *[
+            (name, Stage.LOADING)
+            for name in [
+                "CheckpointLoaderSimple",
+                "UNETLoader",
+                "CLIPLoader",
+                "DualCLIPLoader",
+                "VAELoader",
+                "LoraLoader",
+                "ADE_AnimateDiffLoaderWithContext",
+                "WanVideoModelLoader",
+                "UpscaleModelLoader",
+            ]
+        ],
+        *[
+            (name, Stage.PREPARING)
+            for name in [
+                "CLIPTextEncode",
+                "CLIPTextEncodeSDXL",
+                "WanVideoTextEncode",
+                "WanImageToVideo",
+                "HunyuanImageToVideo",
+                "EmptyHunyuanLatentVideo",
+                "EmptyLTXVLatentVideo",
+                "LTXVImgToVideo",
+                "LTXVConditioning",
+                "LTXVScheduler",
+            ]
+        ],
+        *[
+            (name, Stage.SAMPLING)
+            for name in [
+                "KSampler",
+                "KSamplerAdvanced",
+                "SamplerCustom",
+                "SamplerCustomAdvanced",
+                "WanVideoSampler",
+                "HyVideoSampler",
+            ]
+        ],
+        *[
+            (name, Stage.DECODING)
+            for name in ["VAEDecode", "VAEDecodeTiled", "WanVideoDecode", "HyVideoDecode"]
+        ],
+        *[
+            (name, Stage.ENCODING)
+            for name in [
+                "SaveImage",
+                "SaveAnimatedWEBP",
+                "SaveAnimatedPNG",
+                "SaveWEBM",
+                "SaveVideo",
+                "CreateVideo",
+                "VHS_VideoCombine",
+            ]
+        ],
+    ],
+)
+def test_every_node_class_the_stage_table_promises(class_type: str, stage: Stage) -> None:
+    """Built-in loaders, encoders, samplers, decoders and writers, and the video packs'
+    (AnimateDiff-Evolved, VideoHelperSuite, Wan, Hunyuan, LTX) by their real class names."""
+    assert stage_of(class_type) is stage
+
+
 def test_two_pass_sampling_is_one_job_split_by_steps_run() -> None:
     workflow = Workflow.from_graph(TWO_PASS)
     weights = workflow.weights()

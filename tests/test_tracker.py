@@ -179,6 +179,14 @@ def test_percent_never_decreases_and_milestones_fire_once() -> None:
     assert percents == sorted(percents)
     marks = [e.percent for e in events if isinstance(e, Milestone)]
     assert marks == [25, 50, 75]
+    events = tracker.apply(msg("executing", node="8", prompt_id="p1"), t + 1)
+    events += tracker.apply(msg("executing", node="9", prompt_id="p1"), t + 2)
+    error = {"prompt_id": "p1", "node_id": "9", "exception_message": "disk full"}
+    events += tracker.apply(msg("execution_error", **error), t + 3)
+    events += tracker.apply(msg("execution_error", **error), t + 4)
+    marks_after = [(e.percent, e.state) for e in events if isinstance(e, Milestone)]
+    # failed at the writer: (0.15 + 0.05 + 0.65 + 0.08) / 0.97 done
+    assert marks_after == [(90, "running"), (95, "failed")]
 
 
 def test_progress_alone_is_emitted_at_most_every_interval_and_the_rest_at_once() -> None:
@@ -257,7 +265,10 @@ def test_running_prompt_that_vanishes_is_lost_never_completed() -> None:
         assert job is not None
         assert job["state"] == "lost"
         assert job["stale"] is False
-        assert job["last_seen_at"] is not None
+    assert [(tracker.job(j) or {})["last_seen_at"] for j in ("comfy:p1", "comfy:p2")] == [
+        "2027-01-15T08:00:03.000Z",
+        "2027-01-15T08:00:00.000Z",
+    ]
 
 
 def test_prompt_only_seen_on_the_websocket_is_not_resolved_too_early() -> None:
