@@ -235,6 +235,41 @@ def test_frames_done_of_a_finished_job_is_never_a_guess(
     assert (job["frames_total"], job["frames_done"]) == (None, frames_done)
 
 
+def test_two_samplers_are_one_job_whose_percent_spans_both_passes() -> None:
+    graph = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512}},
+        "3": {"class_type": "KSampler", "inputs": {"steps": 10, "latent_image": ["5", 0]}},
+        "10": {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0], "scale_by": 2}},
+        "11": {"class_type": "KSampler", "inputs": {"steps": 10, "latent_image": ["10", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0]}},
+    }
+    tracker = Tracker()
+    tracker.apply(QueueSnapshot("local", (QueueItem(1, "p1", graph, "other"),), ()), T0)
+    t = T0
+    seen: list[tuple[str, int | None, float]] = []
+    for node in ("4", "5", "3", "10", "11"):
+        t += 1
+        tracker.apply(msg("executing", node=node, prompt_id="p1"), t)
+        if node in ("3", "11"):
+            for step in (5, 10):
+                t += 1
+                tracker.apply(msg("progress", value=step, max=10, node=node, prompt_id="p1"), t)
+                job = tracker.job("comfy:p1") or {}
+                seen.append((job["node"]["id"], job["step"], job["percent"]))
+    # Shares of the stages present: loading .15, preparing .05, sampling .65, decoding .08
+    # (processing .03 for the upscale); the second pass denoises 4x the pixels: 4/5 of sampling.
+    total = 0.15 + 0.05 + 0.65 + 0.08 + 0.03
+    first, second = 0.65 / 5, 0.65 * 4 / 5
+    expected = [
+        ("3", 5, (0.20 + first / 2) / total),
+        ("3", 10, (0.20 + first) / total),
+        ("11", 5, (0.20 + first + 0.03 + second / 2) / total),
+        ("11", 10, (0.20 + first + 0.03 + second) / total),
+    ]
+    assert seen == [(n, s, pytest.approx(100 * f, abs=0.05)) for n, s, f in expected]
+
+
 def test_prompt_deleted_from_queue_is_canceled() -> None:
     tracker = Tracker()
     tracker.apply(queue(["p1"], ["p2"]), T0)
