@@ -111,6 +111,11 @@ class Recipe:
         return workflow
 
 
+def _sampler(node_id: str, step_s: float, steps: int, latent: list[object]) -> Node:
+    inputs = {"steps": steps, "latent_image": latent}
+    return Node(node_id, Stage.SAMPLING, "KSampler", step_s, inputs, steps=steps)
+
+
 def make_recipe(rng: random.Random, index: int) -> Recipe:
     model = rng.choice(MODELS)
     if model.video:
@@ -130,14 +135,7 @@ def make_recipe(rng: random.Random, index: int) -> Recipe:
                 rng.uniform(1.0, 4.0),
                 {"width": 832, "height": 480, "length": frames, "batch_size": 1},
             ),
-            Node(
-                "sampler",
-                Stage.SAMPLING,
-                "KSampler",
-                step_s,
-                {"steps": steps, "latent_image": ["image", 2]},
-                steps=steps,
-            ),
+            _sampler("sampler", step_s, steps, ["image", 2]),
             Node(
                 "decode",
                 Stage.DECODING,
@@ -174,14 +172,7 @@ def make_recipe(rng: random.Random, index: int) -> Recipe:
                 0.01,
                 {"width": width, "height": height, "batch_size": 1},
             ),
-            Node(
-                "sampler",
-                Stage.SAMPLING,
-                "KSampler",
-                step_s,
-                {"steps": steps, "latent_image": ["latent", 0]},
-                steps=steps,
-            ),
+            _sampler("sampler", step_s, steps, ["latent", 0]),
             Node("decode", Stage.DECODING, "VAEDecode", decode_s, {"samples": ["sampler", 0]}),
         ]
         hires = rng.random() < 0.3
@@ -204,14 +195,7 @@ def make_recipe(rng: random.Random, index: int) -> Recipe:
                     0.5 * decode_s,
                     {"pixels": ["upscale", 0]},
                 ),
-                Node(
-                    "sampler2",
-                    Stage.SAMPLING,
-                    "KSampler",
-                    2.5 * step_s,
-                    {"steps": steps2, "latent_image": ["encode", 0]},
-                    steps=steps2,
-                ),
+                _sampler("sampler2", 2.5 * step_s, steps2, ["encode", 0]),
                 Node(
                     "decode2",
                     Stage.DECODING,
