@@ -125,11 +125,7 @@ class JobTableListener:
         missing table or required column. A database that cannot be reached is left to
         ``run``, which waits for it."""
         try:
-            conn = await asyncpg.connect(
-                self._dsn,
-                timeout=self._query_timeout,
-                server_settings={"application_name": APPLICATION_NAME},
-            )
+            conn = await self._connect()
         except _DATABASE_AWAY:
             return
         try:
@@ -143,12 +139,15 @@ class JobTableListener:
         await stop.wait()
         self._wake.set()
 
-    async def _session(self, stop: asyncio.Event) -> None:
-        conn = await asyncpg.connect(
+    async def _connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(
             self._dsn,
             timeout=self._query_timeout,
             server_settings={"application_name": APPLICATION_NAME},
         )
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        conn = await self._connect()
         lost = asyncio.Event()
 
         def on_terminate(_conn: object) -> None:
