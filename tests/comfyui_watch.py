@@ -57,7 +57,7 @@ class Watch:
             client_id=client_id,
             emit=self.emit,
             unresolved=self.tracker.unresolved_prompts,
-            has_active=self.tracker.has_active_prompts,
+            needs_polling=self.tracker.needs_polling,
             **(FAST | knobs),
         )
 

@@ -469,6 +469,22 @@ def test_visibility_from_the_queue_item(client_id: str | None, visibility: str) 
     assert job["visibility"] == visibility
 
 
+def test_throttled_progress_still_clears_a_stall_at_once_and_repeats_are_silent() -> None:
+    tracker = Tracker(TrackerConfig(progress_interval_s=0.1, stall_min_s=1.0))
+    tracker.apply(queue(["p1"], []), T0)
+    t = run_steps(tracker, "p1", 3, T0, gap=0.04)
+    (stalled,) = tracker.apply(Tick(), t + 2)
+    assert isinstance(stalled, JobChanged) and stalled.job["stalled"] is not None
+    resumed = tracker.apply(msg("progress", value=4, max=10, node="3", prompt_id="p1"), t + 2.01)
+    assert [(e.job["step"], e.job["stalled"]) for e in resumed if isinstance(e, JobChanged)] == [
+        (4, None)
+    ]
+    node = {"value": 4, "max": 10, "state": "running", "node_id": "3", "display_node_id": "3"}
+    repeat = msg("progress_state", prompt_id="p1", nodes={"3": node})
+    assert tracker.apply(repeat, t + 2.5) == []
+    assert (tracker.job("comfy:p1") or {})["step"] == 4
+
+
 def test_wall_clock_stepping_back_never_raises_and_keeps_progress() -> None:
     tracker = Tracker()
     tracker.apply(queue(["p1"], []), T0)
@@ -610,8 +626,22 @@ def test_cancel_target_and_unresolved_row_prompts() -> None:
     assert tracker.unresolved_prompts("local", T0) == ["p1"]
     assert tracker.unresolved_prompts("elsewhere", T0) == []
     assert tracker.prompt_target("comfy:p2") == ("local", "p2", JobState.QUEUED)
-    assert tracker.has_active_prompts("local") is True
-    assert tracker.has_active_prompts("elsewhere") is False
+    assert tracker.needs_polling("elsewhere") is True, "row 1's prompt p1 is nowhere yet"
+    tracker.apply(queue([], ["p1", "p2"]), T0 + 1)
+    assert tracker.needs_polling("local") is True, "p2 and p1 are seen only through /queue"
+    assert tracker.needs_polling("elsewhere") is False
+
+
+def test_prompts_seen_in_full_need_no_polling() -> None:
+    tracker = Tracker(TrackerConfig(instances={"local": InstanceConfig(client_id="me")}))
+    mine = QueueItem(prompt_id="p1", number=1, graph=GRAPH, client_id="me")
+    tracker.apply(QueueSnapshot("local", running=(mine,), pending=()), T0)
+    assert tracker.needs_polling("local") is False
+    theirs = QueueItem(prompt_id="p2", number=2, graph=GRAPH, client_id="someone")
+    tracker.apply(QueueSnapshot("local", running=(mine,), pending=(theirs,)), T0 + 1)
+    assert tracker.needs_polling("local") is True
+    tracker.apply(msg("execution_interrupted", prompt_id="p2"), T0 + 2)
+    assert tracker.needs_polling("local") is False
 
 
 def test_row_resubmitted_with_a_new_prompt_relinks() -> None:

@@ -70,7 +70,7 @@ class Settings:
     finished_cap: int = 500
     stall_factor: float = 5.0
     stall_min_s: float = 20.0
-    progress_interval_s: float = 0.1
+    progress_interval_s: float = 0.25
     resources_interval_s: float = 2.0
     comfyui_pid: int | None = None
     state_dir: Path = Path()

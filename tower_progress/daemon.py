@@ -368,7 +368,7 @@ def _comfy_source(instance: ComfyInstance, pipeline: Pipeline) -> ComfySource:
         client_id=instance.client_id,
         emit=pipeline.emit,
         unresolved=tracker.unresolved_prompts,
-        has_active=tracker.has_active_prompts,
+        needs_polling=tracker.needs_polling,
     )
 
 

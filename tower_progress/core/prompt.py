@@ -344,6 +344,24 @@ class Prompt:
             "title": spec.title if spec else None,
         }
 
+    def progress_marks(self) -> tuple[tuple[object, ...], tuple[object, ...]]:
+        """What a progress message can change of this prompt's view, as (shape, position):
+        equal marks before and after one mean it changed nothing; an equal shape means it
+        only moved the job along."""
+        node = self.current_node
+        shape = (
+            self.state,
+            self.visibility,
+            self.started_at,
+            node,
+            self.stage,
+            len(self.spans),
+            len(self.done_nodes),
+            self.steps,
+        )
+        position = (self.node_progress.get(node) if node else None, self.fraction, self.step)
+        return shape, (*position, self.live_frames)
+
     def output_files(self) -> list[str]:
         return [name for output in self.outputs.values() for name in output_files(output)]
 

@@ -47,6 +47,8 @@ MILESTONES = (25, 50, 75, 90)
 # A prompt first seen on the websocket is only "gone" once a /queue taken this much later
 # lacks it: a /queue request already in flight may predate the prompt.
 _SNAPSHOT_GRACE_S = 3.0
+# ComfyUI messages that only report how far a node is.
+_PROGRESS_KINDS = frozenset({"progress", "progress_state"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +176,18 @@ class Tracker:
                 wanted.append(prompt.prompt_id)
         return wanted
 
-    def has_active_prompts(self, instance: str) -> bool:
-        return any(p.instance == instance and not p.state.terminal for p in self._prompts.values())
+    def needs_polling(self, instance: str) -> bool:
+        """Whether ``/queue`` must be polled often: this instance has a prompt in flight that
+        its websocket does not report in full, or a row names a prompt no instance has shown
+        yet. Prompts seen in full need no polling: their events arrive, and every change of
+        the queue comes with a ``status`` frame."""
+        for job in self._jobs.values():
+            if job.final is None and job.prompt_id and job.prompt_id not in self._prompts:
+                return True
+        return any(
+            p.instance == instance and not p.state.terminal and p.visibility is not Visibility.FULL
+            for p in self._prompts.values()
+        )
 
     # --- write side ------------------------------------------------------------------------
 
@@ -303,6 +315,7 @@ class Tracker:
             )
             return []
         node = None if node is None else str(node)
+        before = prompt.progress_marks() if kind in _PROGRESS_KINDS else None
         if kind == "execution_start":
             inst.running = prompt_id
             prompt.mark_running(now, _ms(data.get("timestamp")))
@@ -333,7 +346,29 @@ class Tracker:
                 prompt.fail(data, JobState.FAILED, now)
         elif kind == "execution_interrupted":
             prompt.fail(data, JobState.CANCELED, now)
-        return [self._prompt_job[prompt_id]]
+        job_id = self._prompt_job[prompt_id]
+        if before is not None and self._quiet_progress(job_id, before, prompt, now):
+            return []
+        return [job_id]
+
+    def _quiet_progress(
+        self, job_id: str, before: tuple[tuple[object, ...], ...], prompt: Prompt, now: float
+    ) -> bool:
+        """A progress frame not worth rendering the job for: it changed nothing (ComfyUI
+        sends ``progress`` and ``progress_state`` for each step), or it only moved the job
+        along within ``progress_interval_s`` of its last update and the job is not flagged
+        stalled. What it held goes out with the next frame or ``Tick``."""
+        job = self._jobs[job_id]
+        if job.last_view is None:
+            return False
+        after = prompt.progress_marks()
+        if after == before:
+            return True
+        return (
+            after[0] == before[0]
+            and job.last_view["stalled"] is None
+            and 0 <= now - job.updated_at < self._config.progress_interval_s
+        )
 
     def _snapshot(self, snap: QueueSnapshot, now: float) -> list[str]:
         inst = self._instances.setdefault(snap.instance, _Instance())

@@ -5,8 +5,9 @@ backoff with jitter, reset after each success; client pings since ComfyUI sends 
 limit; no permessage-deflate, which would cost both ends CPU on every progress frame for a few
 hundred bytes saved) feeds every text frame to the tracker. Because ComfyUI routes a prompt's
 events only to its submitter, ``/queue`` is polled on every ``status`` frame and every
-``busy_poll_s`` while prompts are active, then ``/history/{id}`` for prompts that left it (queue
-first, then history: the other order can miss a prompt). Garbage from ComfyUI is logged with
+``busy_poll_s`` while prompts are in flight that the websocket does not report in full, then
+``/history/{id}`` for prompts that left it (queue first, then history: the other order can miss
+a prompt). Garbage from ComfyUI is logged with
 context and skipped; a body that cannot be trusted is never turned into an observation, so a
 malformed answer can delay a job's update but never end it wrongly.
 """
@@ -52,8 +53,9 @@ _STABLE_S = 5.0
 class ComfySource:
     """Watches one ComfyUI instance for the tracker.
 
-    ``unresolved`` and ``has_active`` are the tracker's answers (prompts whose outcome must be
-    read from history; whether this instance has prompts in flight). Timeouts and backoff
+    ``unresolved`` and ``needs_polling`` are the tracker's answers (prompts whose outcome must
+    be read from history; whether this instance has prompts in flight that its websocket does
+    not report in full). Timeouts and backoff
     bounds are in seconds: ``open_timeout_s`` for a websocket handshake, ``http_timeout_s`` for
     a whole HTTP request; reconnects wait a jittered ``initial_backoff_s`` doubling up to
     ``max_backoff_s``, reset by a connection that stays up.
@@ -67,7 +69,7 @@ class ComfySource:
         client_id: str,
         emit: Emit,
         unresolved: Resolver,
-        has_active: Callable[[str], bool],
+        needs_polling: Callable[[str], bool],
         busy_poll_s: float = 1.5,
         idle_poll_s: float = 15.0,
         http_timeout_s: float = 10.0,
@@ -82,7 +84,7 @@ class ComfySource:
         self._ws_url = self._url.replace("http", "ws", 1) + f"/ws?clientId={watcher}"
         self._emit = emit
         self._unresolved = unresolved
-        self._has_active = has_active
+        self._needs_polling = needs_polling
         self._busy_poll_s = busy_poll_s
         self._idle_poll_s = idle_poll_s
         self._http_timeout_s = http_timeout_s
@@ -196,7 +198,7 @@ class ComfySource:
     async def _poll(self) -> None:
         while True:
             await self._connected.wait()
-            interval = self._busy_poll_s if self._has_active(self.name) else self._idle_poll_s
+            interval = self._busy_poll_s if self._needs_polling(self.name) else self._idle_poll_s
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
