@@ -721,3 +721,97 @@ def test_without_the_graph_a_node_counting_many_ticks_is_a_sampler() -> None:
     assert job is not None
     assert (job["stage"], job["step"], job["steps"]) == ("sampling", 4, 20)
     assert [s["stage"] for s in job["stages"]] == ["loading", "sampling"]
+
+
+def _busy_tracker() -> Tracker:
+    """A row job running p1 three steps in, p2 queued behind it, both sources up, a sample."""
+    tracker = Tracker(TrackerConfig(stall_factor=5, stall_min_s=10, resources_stale_s=60))
+    tracker.apply(SourceStatus("database", True), T0)
+    tracker.apply(SourceStatus("comfyui:local", True), T0)
+    tracker.apply(ResourceSample(gpus=(GpuSample(0, "H100", utilization=2.0),)), T0)
+    tracker.apply(JobRow("r1", "processing", prompt_id="p1", title="Shot 1"), T0)
+    tracker.apply(queue(["p1"], ["p2"]), T0)
+    run_steps(tracker, "p1", 3, T0)
+    return tracker
+
+
+def _state(tracker: Tracker) -> tuple[Any, ...]:
+    return tracker.jobs(), tracker.resources(), tracker.sources()
+
+
+Case = tuple[str, tuple[Any, ...], Any, float, set[str]]
+# (id, observations applied first, the observation applied twice, seconds after T0, the kinds
+# of event its first apply gives)
+IDEMPOTENT: list[Case] = [
+    ("row changed", (), JobRow("r1", "processing", "p1", "Shot 1b"), 5.0, {"JobChanged"}),
+    ("row new", (), JobRow("r2", "queued", prompt_id="p9"), 5.0, {"JobChanged"}),
+    ("row deleted", (), RowDeleted("r1"), 5.0, {"JobRemoved"}),
+    ("queue grown", (), queue(["p1"], ["p2", "p3"]), 5.0, {"JobChanged"}),
+    ("queue without the running prompt", (), queue([], ["p2"]), 5.0, set()),
+    ("history success", (), history("p1"), 5.0, {"JobChanged", "Milestone"}),
+    (
+        "history error",
+        (),
+        history("p1", "execution_error", node_id="3", exception_message="x"),
+        5.0,
+        {"JobChanged", "JobFinished", "Milestone"},
+    ),
+    (
+        "history absent: lost",
+        (queue([], ["p2"]),),
+        HistoryEntry("local", "p1", None),
+        5.0,
+        {"JobChanged", "JobFinished", "Milestone"},
+    ),
+    (
+        "progress",
+        (),
+        msg("progress", value=4, max=10, node="3", prompt_id="p1"),
+        5.0,
+        {"JobChanged", "Milestone"},
+    ),
+    ("executed", (), msg("executed", node="9", output={}, prompt_id="p1"), 5.0, {"JobChanged"}),
+    (
+        "resources",
+        (),
+        ResourceSample(cpu_percent=40.0, gpus=(GpuSample(0, "H100", 90.0),)),
+        5.0,
+        {"ResourcesChanged"},
+    ),
+    (
+        "database down",
+        (),
+        SourceStatus("database", False, "refused"),
+        5.0,
+        {"JobChanged", "SourceChanged"},
+    ),
+    (
+        "comfyui down",
+        (),
+        SourceStatus("comfyui:local", False, "refused"),
+        5.0,
+        {"JobChanged", "SourceChanged"},
+    ),
+    ("tick, nothing due but the countdown", (), Tick(), 5.0, {"JobChanged"}),
+    ("tick that flags the stall", (), Tick(), 20.0, {"JobChanged"}),
+    ("tick that finds resources stale", (), Tick(), 200.0, {"JobChanged", "SourceChanged"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("before", "observation", "after", "kinds"),
+    [c[1:] for c in IDEMPOTENT],
+    ids=[c[0] for c in IDEMPOTENT],
+)
+def test_the_same_observation_twice_changes_nothing(
+    before: tuple[Any, ...], observation: Any, after: float, kinds: set[str]
+) -> None:
+    tracker = _busy_tracker()
+    now = T0 + after
+    for earlier in before:
+        tracker.apply(earlier, now)
+    first = tracker.apply(observation, now)
+    state = _state(tracker)
+    assert tracker.apply(observation, now) == []
+    assert _state(tracker) == state
+    assert {type(e).__name__ for e in first} == kinds
