@@ -500,6 +500,35 @@ def test_queued_job_eta_comes_from_the_workflow_prior() -> None:
     assert second["eta_s"] == 2 * (2.0 + 20.0 + 3.0)
 
 
+def test_queued_eta_is_the_running_remainder_plus_the_expected_jobs_ahead_and_its_own() -> None:
+    """p1 runs at exactly its prior's pace (30 s), so 15 s in its remainder is 15 s; p2 is a
+    costlier workflow with a 50 s prior, p3 another run of p1's."""
+    costly = {**GRAPH, "3": {**GRAPH["3"], "inputs": {**GRAPH["3"]["inputs"], "steps": 20}}}
+    prior = {"loading": 4.0, "preparing": 1.0, "sampling": 20.0, "decoding": 3.0, "encoding": 2.0}
+    priors = {
+        Workflow.from_graph(GRAPH).fingerprint: [prior],
+        Workflow.from_graph(costly).fingerprint: [{**prior, "sampling": 40.0}],
+    }
+    tracker = Tracker(priors=priors)
+    p1 = QueueItem(1.0, "p1", GRAPH, "other")
+    tracker.apply(QueueSnapshot("local", (p1,), ()), T0)
+    tracker.apply(msg("execution_start", prompt_id="p1", timestamp=int(T0 * 1000)), T0)
+    for node, t in (("4", T0), ("5", T0 + 4), ("3", T0 + 5)):
+        tracker.apply(msg("executing", node=node, prompt_id="p1"), t)
+    for step in range(1, 6):
+        tracker.apply(
+            msg("progress", value=step, max=10, node="3", prompt_id="p1"), T0 + 5 + 2 * step
+        )
+    pending = (QueueItem(2.0, "p2", costly, "other"), QueueItem(3.0, "p3", GRAPH, "other"))
+    tracker.apply(QueueSnapshot("local", (p1,), pending), T0 + 15)
+    views = [tracker.job(f"comfy:{p}") or {} for p in ("p1", "p2", "p3")]
+    assert [(v["state"], v["queue_position"], v["eta_s"]) for v in views] == [
+        ("running", 0, 15.0),
+        ("queued", 1, 15.0 + 50.0),
+        ("queued", 2, 15.0 + 50.0 + 30.0),
+    ]
+
+
 def test_unusable_history_is_ignored_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
     fingerprint = Workflow.from_graph(GRAPH).fingerprint
     tracker = Tracker(priors={fingerprint: [{"sampling": -5.0}]})
