@@ -1,6 +1,8 @@
 """Score the ETA estimator against linear extrapolation and tqdm's EMA on synthetic ComfyUI jobs.
 
-Run: ``.venv/bin/python bench/eta.py [--seed N ...] [--workflows N] [--runs-per-workflow N]``.
+Run: ``.venv/bin/python bench/eta.py [--seed N ...] [--workflows N] [--runs-per-workflow N]``
+(seeds 1 to 5 by default: a row per seed, then the tables and the goals over all of them, and
+the seeds that miss a goal on their own).
 
 Each seed builds a farm's worth of jobs: 40 workflows (stills, stills with a hires pass, 16-121
 frame videos) over six checkpoints, every workflow run 6 times, all in shuffled order.
@@ -519,56 +521,115 @@ def _jitter(score: Score) -> float:
     return sum(score.jitter) / len(score.jitter)
 
 
+def merged(per_seed: Sequence[Mapping[str, Score]]) -> dict[str, Score]:
+    """The scores of several seeds as one farm: every checkpoint and jitter sample pooled."""
+    out: dict[str, Score] = {}
+    for scores in per_seed:
+        for name, s in scores.items():
+            entry = out.setdefault(name, Score([[] for _ in CHECKPOINTS], []))
+            for column, errors in zip(entry.errors, s.errors, strict=True):
+                column.extend(errors)
+            entry.jitter.extend(s.jitter)
+            entry.answered += s.answered
+            entry.asked += s.asked
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The goal, judged against the baselines as they run without history."""
+
+    ratio: float
+    baseline: str
+    jitter: float
+    ema_jitter: float
+    goal: float
+
+    @classmethod
+    def of(cls, scores: Mapping[str, Score], goal: float) -> Verdict:
+        baseline = min(BASELINES, key=lambda n: scores[n].mean())
+        return cls(
+            ratio=scores[Estimator.name].mean() / scores[baseline].mean(),
+            baseline=baseline,
+            jitter=_jitter(scores[Estimator.name]),
+            ema_jitter=_jitter(scores[TqdmEma.name]),
+            goal=goal,
+        )
+
+    @property
+    def met(self) -> bool:
+        return self.ratio <= self.goal and self.jitter <= self.ema_jitter
+
+    def cell(self) -> str:
+        return f"{self.ratio:.3f}x {self.jitter:5.2f}/{self.ema_jitter:5.2f} {self.mark()}"
+
+    def mark(self) -> str:
+        return "met" if self.met else "MISSED"
+
+
 def verdict(scores: Mapping[str, Score], goal: float) -> list[str]:
-    """The goal, judged against the baselines as they run without history; with a prior, the
-    same ratio against the ``+w`` baselines and the oracle's, for reference."""
-    ours = scores[Estimator.name]
-
-    def best(names: Sequence[str]) -> tuple[str, float]:
-        name = min(names, key=lambda n: scores[n].mean())
-        return name, scores[name].mean()
-
-    name, error = best(BASELINES)
-    ratio = ours.mean() / error
-    ema_jitter = _jitter(scores[TqdmEma.name])
-    met = ratio <= goal and _jitter(ours) <= ema_jitter
+    """The goal line; with a prior, the same ratio against the ``+w`` baselines and the
+    oracle's, for reference."""
+    v = Verdict.of(scores, goal)
     lines = [
-        f"  error {ratio:.3f}x best baseline ({name}), goal <= {goal}x; "
-        f"jitter {_jitter(ours):.2f} vs tqdm-ema {ema_jitter:.2f}: {'met' if met else 'MISSED'}"
+        f"  error {v.ratio:.3f}x best baseline ({v.baseline}), goal <= {goal}x; "
+        f"jitter {v.jitter:.2f} vs tqdm-ema {v.ema_jitter:.2f}: {v.mark()}"
     ]
     weighted = [n + WEIGHTED for n in BASELINES if n + WEIGHTED in scores]
     if weighted:
-        name, error = best(weighted)
+        name = min(weighted, key=lambda n: scores[n].mean())
+        error = scores[name].mean()
         lines.append(
-            f"  against baselines given the prior-weighted fraction: {ours.mean() / error:.3f}x "
-            f"({name}); the oracle reaches {scores[ORACLE].mean() / error:.3f}x"
+            f"  against baselines given the prior-weighted fraction: "
+            f"{scores[Estimator.name].mean() / error:.3f}x ({name}); "
+            f"the oracle reaches {scores[ORACLE].mean() / error:.3f}x"
         )
     return lines
 
 
+SCENARIOS = (
+    ("no history", GOAL_NO_HISTORY),
+    ("with priors from previous runs", GOAL_WITH_PRIOR),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--seed", type=int, action="append", help="default: 1 and 2")
+    parser.add_argument("--seed", type=int, action="append", help="default: 1 to 5")
     parser.add_argument("--workflows", type=int, default=40)
     parser.add_argument("--runs-per-workflow", type=int, default=6)
     args = parser.parse_args(argv)
-    for seed in args.seed or [1, 2]:
+    seeds: list[int] = args.seed or [1, 2, 3, 4, 5]
+    per_seed: list[list[dict[str, Score]]] = []
+    jobs_n = slowed_n = warm_n = 0
+    print("per seed: error x best baseline, jitter / tqdm-ema's jitter")
+    print(f"  {'seed':>4}  {'no history':<26}  {'with priors':<26}  jobs")
+    for seed in seeds:
         jobs = farm(seed, args.workflows, args.runs_per_workflow)
         cold = [(run, None) for run, _ in jobs]
         warm = [(run, stage_prior(runs)) for run, runs in jobs if runs]
-        slowed = sum(run.slowed for run, _ in jobs)
-        print(
-            f"seed {seed}: {len(jobs)} jobs ({slowed} slowed part-way), "
-            f"{len(warm)} with previous runs"
-        )
-        for title, group, goal in (
-            ("no history", cold, GOAL_NO_HISTORY),
-            ("with priors from previous runs", warm, GOAL_WITH_PRIOR),
-        ):
-            scores = score(group)
-            print("\n".join(table(f" {title}: |finish error| % of duration", scores)))
-            print("\n".join(verdict(scores, goal)))
-        print()
+        scores = [score(cold), score(warm)]
+        per_seed.append(scores)
+        verdicts = [Verdict.of(s, goal) for s, (_, goal) in zip(scores, SCENARIOS, strict=True)]
+        jobs_n += len(jobs)
+        slowed_n += sum(run.slowed for run, _ in jobs)
+        warm_n += len(warm)
+        cells = "  ".join(f"{v.cell():<26}" for v in verdicts)
+        print(f"  {seed:>4}  {cells}  {len(jobs)}")
+    print(
+        f"\nall {len(seeds)} seeds: {jobs_n} jobs ({slowed_n} slowed part-way), "
+        f"{warm_n} with previous runs"
+    )
+    for k, (title, goal) in enumerate(SCENARIOS):
+        scores = merged([s[k] for s in per_seed])
+        print("\n".join(table(f" {title}: |finish error| % of duration", scores)))
+        print("\n".join(verdict(scores, goal)))
+        missed = [
+            str(seed)
+            for seed, s in zip(seeds, per_seed, strict=True)
+            if not Verdict.of(s[k], goal).met
+        ]
+        print(f"  seeds missing the goal on their own: {', '.join(missed) or 'none'}")
 
 
 if __name__ == "__main__":

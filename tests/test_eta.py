@@ -47,27 +47,28 @@ CASES = [
         [(40.0, 40.0), (45.0, 35.0), (55.0, 25.0)],
     ),
     Case(
-        "a slowdown part-way, 4 ticks in: the last 8 ticks hold 4 fast and 4 slow ones",
+        "a slowdown part-way, 2 ticks in: the last 4 ticks hold 2 fast and 2 slow ones",
+        None,
+        [
+            (0.0, 0.0, "sampling"),
+            *_ticks("sampling", 0.0, 0.0, 10.0, 0.025, 8),
+            *_ticks("sampling", 80.0, 0.2, 20.0, 0.025, 2),
+        ],
+        # window 600 s/unit at 10/10.3 trust against the job's 480: pace 61440/103, 0.4 of
+        # sampling left at it; then 0.35 at 480, carrying 0.3 of pace/480 - 1 = 25/103
+        [(120.0, 0.4 * 61440.0 / 103.0 + 0.35 * 480.0 * (1.0 + 0.3 * 25.0 / 103.0))],
+    ),
+    Case(
+        "a slowdown part-way, 4 ticks in: the last 4 ticks are all slow",
         None,
         [
             (0.0, 0.0, "sampling"),
             *_ticks("sampling", 0.0, 0.0, 10.0, 0.025, 8),
             *_ticks("sampling", 80.0, 0.2, 20.0, 0.025, 4),
         ],
-        # window 600 s/unit at 12/13 trust against the job's 1600/3: 0.35 of sampling left,
-        # then 0.35 at 1600/3
-        [(160.0, 15400.0 / 39.0)],
-    ),
-    Case(
-        "a slowdown part-way, 8 ticks in: the last 8 ticks are all slow",
-        None,
-        [
-            (0.0, 0.0, "sampling"),
-            *_ticks("sampling", 0.0, 0.0, 10.0, 0.025, 8),
-            *_ticks("sampling", 80.0, 0.2, 20.0, 0.025, 8),
-        ],
-        # window 800 s/unit at 16/17 trust against the job's 600: 0.25 left, then 0.35 at 600
-        [(240.0, 6920.0 / 17.0)],
+        # window 800 s/unit at 12/12.3 trust against the job's 1600/3: pace 97600/123 (61/41
+        # of the job's); 0.35 of sampling left at it, then 0.35 at 1600/3 * (1 + 0.3 * 20/41)
+        [(160.0, 0.35 * 97600.0 / 123.0 + 0.35 * 1600.0 / 3.0 * 47.0 / 41.0)],
     ),
     Case(
         "a stall beyond 1.5 median ticks lengthens the estimate",
@@ -112,8 +113,9 @@ CASES = [
         "a stage's share never runs past the end of the job",
         None,
         [(0.0, 0.0, "loading"), (10.0, 0.5, "sampling"), (20.0, 0.75, "sampling")],
-        # rate 40 and the job's 80/3 s/unit, half each; sampling's 0.65 share is cut at 1.0
-        [(20.0, 25.0 / 3.0)],
+        # rate 40 at 1/1.3 trust against the job's 80/3 s/unit: 0.25 left at 480/13; sampling's
+        # 0.65 share is cut at 1.0, so nothing is ahead
+        [(20.0, 120.0 / 13.0)],
     ),
     Case(
         "entering a stage is progress even when the fraction does not move",
@@ -144,8 +146,17 @@ CASES = [
             (25.0, 0.5, "sampling"),
             *_ticks("sampling", 25.0, 0.5, 10.0, 0.1, 2),
         ],
-        # 0.2 left of sampling at 2/3 * 100 + 1/3 * 50, then 0.1 of decoding at 50
-        [(45.0, 65.0 / 3.0)],
+        # 0.2 left of sampling at 2/3 * 100 + 1/3 * 50 = 250/3 (5/3 of the prior's pace), then
+        # 0.1 of decoding at 50 carrying 0.3 of that: 50/3 + 5 * (1 + 0.3 * 2/3)
+        [(45.0, 68.0 / 3.0)],
+    ),
+    Case(
+        "a slow first step leaves the rate once a second tick is in; a faster stage carries",
+        {"sampling": 40.0, "decoding": 10.0},
+        [(0.0, 0.0, "sampling"), (8.0, 0.1, None), (12.0, 0.2, None), (16.0, 0.3, None)],
+        # rate 8 s / 0.2 = 40 (not 16 / 0.3) at 3/4 trust against the prior's 50: pace 42.5,
+        # 0.5 of sampling left at it; then 0.2 at 50 * (1 + 0.3 * (42.5 / 50 - 1))
+        [(16.0, 0.5 * 42.5 + 0.2 * 50.0 * 0.955)],
     ),
     Case(
         "no prior, a stage without ticks: default share at the job's pace so far",
@@ -321,14 +332,23 @@ def test_prior_total_too_large_is_refused() -> None:
     [
         ([], {}),
         ([{"sampling": 12.5}], {"sampling": 12.5}),
-        ([{"sampling": 10.0}, {"sampling": 20.0}], {"sampling": 15.0}),
+        ([{"sampling": 10.0}, {"sampling": 20.0}], {"sampling": 10.0}),
         (
             [
                 {"loading": 20.0, "sampling": 10.0},
                 {"sampling": 12.0},
                 {"loading": 2.0, "sampling": 11.0},
             ],
-            {"loading": 2.0, "sampling": 11.0},
+            {"loading": 2.0, "sampling": 10.0},
+        ),
+        (
+            [
+                {"sampling": 10.0},
+                {"sampling": 30.0},
+                {"sampling": 11.0},
+                {"sampling": 200.0},
+            ],
+            {"sampling": 11.0},
         ),
         (
             [
@@ -338,10 +358,22 @@ def test_prior_total_too_large_is_refused() -> None:
                 {"sampling": 200.0},
                 {"sampling": 12.0},
             ],
+            {"sampling": 11.0},
+        ),
+        (
+            [{"sampling": float(s)} for s in (17, 11, 13, 30, 10, 12, 16)],
             {"sampling": 12.0},
         ),
     ],
-    ids=["no runs", "one run", "two runs", "cached loaders count as 0 s", "outlier ignored"],
+    ids=[
+        "no runs",
+        "one run",
+        "two runs: the faster",
+        "cached loaders: over the runs that loaded",
+        "four runs: the second fastest",
+        "five runs: the second fastest, a slow outlier ignored",
+        "seven runs: the third fastest",
+    ],
 )
 def test_stage_prior(runs: list[dict[str, float]], expected: dict[str, float]) -> None:
     assert stage_prior(runs) == expected

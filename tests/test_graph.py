@@ -85,6 +85,61 @@ def test_frames_total(graph: dict[str, Any], frames: int | None) -> None:
     assert frames_total(graph) == frames
 
 
+CHAIN = {
+    "9": node("VHS_VideoCombine", images=["8", 0], frame_rate=16),
+    "8": node("VAEDecode", samples=["3", 0], vae=["4", 2]),
+    "3": node("KSampler", steps=20, latent_image=["5", 0], model=["4", 0]),
+    "4": node("CheckpointLoaderSimple", ckpt_name="a.safetensors"),
+}
+
+
+@pytest.mark.parametrize(
+    ("source", "extra", "frames"),
+    [
+        (node("EmptyLatentImage", width=512, height=512, batch_size=12), {}, 12),
+        (node("EmptyHunyuanLatentVideo", length=49, batch_size=1), {}, 49),
+        (node("EmptyHunyuanLatentVideo", length=50, batch_size=1), {}, 49),
+        (
+            node("EmptyHunyuanLatentVideo", length=["7", 0], batch_size=1),
+            {"7": node("PrimitiveInt", value=33)},
+            33,
+        ),
+        (
+            node("EmptyHunyuanLatentVideo", length=["7", 0], batch_size=2),
+            {"7": node("PrimitiveInt", value=["6", 0]), "6": node("PrimitiveInt", value=33)},
+            66,
+        ),
+        (
+            node("EmptyLatentImage", batch_size=["7", 0]),
+            {
+                "7": node("SimpleMath+", value="a*b", a=["6", 0], b=2),
+                "6": node("PrimitiveInt", value=3),
+            },
+            None,
+        ),
+        (
+            node("WanImageToVideo", length=["7", 0], batch_size=1),
+            {"7": node("MathExpression|pysssss", expression="a + 1", a=80)},
+            None,
+        ),
+    ],
+    ids=[
+        "batch through sampler and decoder",
+        "hunyuan length 4k+1",
+        "hunyuan length 50 decodes 49",
+        "length from PrimitiveInt",
+        "primitive of a primitive, batch multiplies",
+        "batch from a math node: unknown",
+        "length from an expression node: unknown",
+    ],
+)
+def test_frames_total_of_a_chain_to_the_writer(
+    source: dict[str, Any], extra: dict[str, Any], frames: int | None
+) -> None:
+    assert frames_total({**CHAIN, "5": source, **extra}) == frames
+    assert Workflow.from_graph({**CHAIN, "5": source, **extra}).frames_total == frames
+
+
 def test_link_cycles_are_bounded() -> None:
     graph = {"1": node("PrimitiveInt", value=["2", 0]), "2": node("PrimitiveInt", value=["1", 0])}
     assert resolve_int(graph, ["1", 0]) is None

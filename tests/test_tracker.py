@@ -511,8 +511,38 @@ def test_queued_job_eta_comes_from_the_workflow_prior() -> None:
     tracker.apply(queue([], ["p1", "p2"]), T0)
     first, second = tracker.job("comfy:p1"), tracker.job("comfy:p2")
     assert first is not None and second is not None
-    assert first["eta_s"] == 2.0 + 25.0 + 4.0
-    assert second["eta_s"] == 2 * (2.0 + 25.0 + 4.0)
+    # Each stage's lower tercile over the runs that entered it: the fastest of two or three.
+    assert first["eta_s"] == 2.0 + 20.0 + 3.0
+    assert second["eta_s"] == 2 * (2.0 + 20.0 + 3.0)
+
+
+def test_queued_eta_is_the_running_remainder_plus_the_expected_jobs_ahead_and_its_own() -> None:
+    """p1 runs at exactly its prior's pace (30 s), so 15 s in its remainder is 15 s; p2 is a
+    costlier workflow with a 50 s prior, p3 another run of p1's."""
+    costly = {**GRAPH, "3": {**GRAPH["3"], "inputs": {**GRAPH["3"]["inputs"], "steps": 20}}}
+    prior = {"loading": 4.0, "preparing": 1.0, "sampling": 20.0, "decoding": 3.0, "encoding": 2.0}
+    priors = {
+        Workflow.from_graph(GRAPH).fingerprint: [prior],
+        Workflow.from_graph(costly).fingerprint: [{**prior, "sampling": 40.0}],
+    }
+    tracker = Tracker(priors=priors)
+    p1 = QueueItem(1.0, "p1", GRAPH, "other")
+    tracker.apply(QueueSnapshot("local", (p1,), ()), T0)
+    tracker.apply(msg("execution_start", prompt_id="p1", timestamp=int(T0 * 1000)), T0)
+    for node, t in (("4", T0), ("5", T0 + 4), ("3", T0 + 5)):
+        tracker.apply(msg("executing", node=node, prompt_id="p1"), t)
+    for step in range(1, 6):
+        tracker.apply(
+            msg("progress", value=step, max=10, node="3", prompt_id="p1"), T0 + 5 + 2 * step
+        )
+    pending = (QueueItem(2.0, "p2", costly, "other"), QueueItem(3.0, "p3", GRAPH, "other"))
+    tracker.apply(QueueSnapshot("local", (p1,), pending), T0 + 15)
+    views = [tracker.job(f"comfy:{p}") or {} for p in ("p1", "p2", "p3")]
+    assert [(v["state"], v["queue_position"], v["eta_s"]) for v in views] == [
+        ("running", 0, 15.0),
+        ("queued", 1, 15.0 + 50.0),
+        ("queued", 2, 15.0 + 50.0 + 30.0),
+    ]
 
 
 def test_unusable_history_is_ignored_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
@@ -750,3 +780,97 @@ def test_without_the_graph_a_node_counting_many_ticks_is_a_sampler() -> None:
     assert job is not None
     assert (job["stage"], job["step"], job["steps"]) == ("sampling", 4, 20)
     assert [s["stage"] for s in job["stages"]] == ["loading", "sampling"]
+
+
+def _busy_tracker() -> Tracker:
+    """A row job running p1 three steps in, p2 queued behind it, both sources up, a sample."""
+    tracker = Tracker(TrackerConfig(stall_factor=5, stall_min_s=10, resources_stale_s=60))
+    tracker.apply(SourceStatus("database", True), T0)
+    tracker.apply(SourceStatus("comfyui:local", True), T0)
+    tracker.apply(ResourceSample(gpus=(GpuSample(0, "H100", utilization=2.0),)), T0)
+    tracker.apply(JobRow("r1", "processing", prompt_id="p1", title="Shot 1"), T0)
+    tracker.apply(queue(["p1"], ["p2"]), T0)
+    run_steps(tracker, "p1", 3, T0)
+    return tracker
+
+
+def _state(tracker: Tracker) -> tuple[Any, ...]:
+    return tracker.jobs(), tracker.resources(), tracker.sources()
+
+
+Case = tuple[str, tuple[Any, ...], Any, float, set[str]]
+# (id, observations applied first, the observation applied twice, seconds after T0, the kinds
+# of event its first apply gives)
+IDEMPOTENT: list[Case] = [
+    ("row changed", (), JobRow("r1", "processing", "p1", "Shot 1b"), 5.0, {"JobChanged"}),
+    ("row new", (), JobRow("r2", "queued", prompt_id="p9"), 5.0, {"JobChanged"}),
+    ("row deleted", (), RowDeleted("r1"), 5.0, {"JobRemoved"}),
+    ("queue grown", (), queue(["p1"], ["p2", "p3"]), 5.0, {"JobChanged"}),
+    ("queue without the running prompt", (), queue([], ["p2"]), 5.0, set()),
+    ("history success", (), history("p1"), 5.0, {"JobChanged", "Milestone"}),
+    (
+        "history error",
+        (),
+        history("p1", "execution_error", node_id="3", exception_message="x"),
+        5.0,
+        {"JobChanged", "JobFinished", "Milestone"},
+    ),
+    (
+        "history absent: lost",
+        (queue([], ["p2"]),),
+        HistoryEntry("local", "p1", None),
+        5.0,
+        {"JobChanged", "JobFinished", "Milestone"},
+    ),
+    (
+        "progress",
+        (),
+        msg("progress", value=4, max=10, node="3", prompt_id="p1"),
+        5.0,
+        {"JobChanged", "Milestone"},
+    ),
+    ("executed", (), msg("executed", node="9", output={}, prompt_id="p1"), 5.0, {"JobChanged"}),
+    (
+        "resources",
+        (),
+        ResourceSample(cpu_percent=40.0, gpus=(GpuSample(0, "H100", 90.0),)),
+        5.0,
+        {"ResourcesChanged"},
+    ),
+    (
+        "database down",
+        (),
+        SourceStatus("database", False, "refused"),
+        5.0,
+        {"JobChanged", "SourceChanged"},
+    ),
+    (
+        "comfyui down",
+        (),
+        SourceStatus("comfyui:local", False, "refused"),
+        5.0,
+        {"JobChanged", "SourceChanged"},
+    ),
+    ("tick, nothing due but the countdown", (), Tick(), 5.0, {"JobChanged"}),
+    ("tick that flags the stall", (), Tick(), 20.0, {"JobChanged"}),
+    ("tick that finds resources stale", (), Tick(), 200.0, {"JobChanged", "SourceChanged"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("before", "observation", "after", "kinds"),
+    [c[1:] for c in IDEMPOTENT],
+    ids=[c[0] for c in IDEMPOTENT],
+)
+def test_the_same_observation_twice_changes_nothing(
+    before: tuple[Any, ...], observation: Any, after: float, kinds: set[str]
+) -> None:
+    tracker = _busy_tracker()
+    now = T0 + after
+    for earlier in before:
+        tracker.apply(earlier, now)
+    first = tracker.apply(observation, now)
+    state = _state(tracker)
+    assert tracker.apply(observation, now) == []
+    assert _state(tracker) == state
+    assert {type(e).__name__ for e in first} == kinds
