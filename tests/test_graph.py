@@ -122,6 +122,26 @@ CHAIN = {
             {"7": node("MathExpression|pysssss", expression="a + 1", a=80)},
             None,
         ),
+        (
+            node("EmptyLatentImage", batch_size=["7", 0]),
+            {"7": node("IntMath", value=4, b=3, operation="multiply")},
+            None,
+        ),
+        (
+            node("EmptyLatentImage", batch_size=["7", 0]),
+            {"7": node("PrimitiveInt", value=4, control_after_generate="fixed")},
+            4,
+        ),
+        (
+            node("EmptyLatentImage", batch_size=4),
+            {"8": node("VAEDecode", samples=["6", 0]), "6": node("RepeatLatentBatch", amount=3)},
+            None,
+        ),
+        (
+            node("EmptyHunyuanLatentVideo", length=49, batch_size=1),
+            {"10": node("VHS_SelectEveryNthImage", images=["8", 0], select_every_nth=2)},
+            None,
+        ),
     ],
     ids=[
         "batch through sampler and decoder",
@@ -131,6 +151,10 @@ CHAIN = {
         "primitive of a primitive, batch multiplies",
         "batch from a math node: unknown",
         "length from an expression node: unknown",
+        "a numeric value beside operands: unknown",
+        "a primitive with its widget settings",
+        "a repeated latent batch: unknown",
+        "every nth frame selected: unknown",
     ],
 )
 def test_frames_total_of_a_chain_to_the_writer(

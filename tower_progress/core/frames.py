@@ -2,8 +2,9 @@
 
 Totals come from the graph's latent, image and video source nodes (protocol §7): a video latent
 of ``length`` frames with temporal compression ``k`` decodes to ``((length-1)//k)*k+1`` frames,
-and ``batch_size`` multiplies. Inputs may be links to primitive nodes; links are followed.
-Anything unknown is None: a guess is never shown as a fact.
+and ``batch_size`` multiplies. Inputs may be links to primitive nodes; links are followed. A
+node that repeats, splits or selects frames makes the count unknown. Anything unknown is None:
+a guess is never shown as a fact.
 """
 
 from __future__ import annotations
@@ -31,7 +32,32 @@ FRAME_SOURCES: Mapping[str, tuple[str, int]] = {
     "VHS_LoadVideo": ("frame_load_cap", 1),
     "VHS_LoadVideoPath": ("frame_load_cap", 1),
 }
+# Nodes that change how many frames flow past them: with one in the graph the count at the
+# writer is not the sources' count, so it is unknown.
+BATCH_CHANGERS = frozenset(
+    {
+        "RepeatLatentBatch",
+        "RepeatImageBatch",
+        "LatentBatch",
+        "ImageBatch",
+        "LatentFromBatch",
+        "ImageFromBatch",
+        "RebatchLatents",
+        "RebatchImages",
+        "ReplaceVideoLatentFrames",
+        "VHS_SelectEveryNthImage",
+        "VHS_SelectEveryNthLatent",
+        "VHS_SplitImages",
+        "VHS_SplitLatents",
+        "VHS_MergeImages",
+        "VHS_MergeLatents",
+        "VHS_DuplicateImages",
+        "VHS_DuplicateLatents",
+        "VHS_GetImageCount",
+    }
+)
 GENERIC_FRAME_INPUTS = ("num_frames", "frame_count", "length")
+_VALUE_KEYS = ("value", "int", "number", "Value")
 MAX_FRAMES = 100_000
 _MAX_LINK_DEPTH = 8
 
@@ -42,7 +68,9 @@ def _node(graph: Mapping[str, Any], node_id: str) -> Mapping[str, Any] | None:
 
 
 def resolve_int(graph: Mapping[str, Any], value: Any, depth: int = 0) -> int | None:
-    """An integer input value, following ``[node_id, slot]`` links into primitive nodes."""
+    """An integer input value, following ``[node_id, slot]`` links into primitive nodes: a
+    node whose one numeric or linked input is its value (a node with operands beside it
+    computes something else)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -53,10 +81,15 @@ def resolve_int(graph: Mapping[str, Any], value: Any, depth: int = 0) -> int | N
         source = _node(graph, str(value[0]))
         inputs = source.get("inputs") if source else None
         if isinstance(inputs, Mapping):
-            for key in ("value", "int", "number", "Value"):
-                if key in inputs:
-                    return resolve_int(graph, inputs[key], depth + 1)
+            operands = [k for k, v in inputs.items() if _operand(v)]
+            key = operands[0] if len(operands) == 1 else None
+            if key in _VALUE_KEYS:
+                return resolve_int(graph, inputs[key], depth + 1)
     return None
+
+
+def _operand(value: Any) -> bool:
+    return isinstance(value, int | float | list) and not isinstance(value, bool)
 
 
 def _decoded(length: int, k: int) -> int:
@@ -66,9 +99,10 @@ def _decoded(length: int, k: int) -> int:
 def frames_total(graph: Mapping[str, Any]) -> int | None:
     """Frames one output of this workflow gets, from its frame source nodes; None if unknown."""
     best: int | None = None
-    for node in graph.values():
-        if not isinstance(node, Mapping):
-            continue
+    nodes = [node for node in graph.values() if isinstance(node, Mapping)]
+    if any(node.get("class_type") in BATCH_CHANGERS for node in nodes):
+        return None
+    for node in nodes:
         class_type = node.get("class_type")
         inputs = node.get("inputs")
         if not isinstance(class_type, str) or not isinstance(inputs, Mapping):
