@@ -5,7 +5,7 @@ garbage between its real messages, and production rows with hostile values.
 
 After each fault the daemon must answer ``/api/health`` with every source up again, no prompt
 transition may be lost (every prompt's state is checked against the simulators' own
-``history_log`` of what really happened), and a websocket client that lived through the fault
+journal of what really happened), and a websocket client that lived through the fault
 must hold the same picture as a fresh snapshot, without a gap in ``seq``. The tests run in file
 order on one daemon (module-scoped); the last one checks that memory came back near the
 baseline taken before the storm. The read-only state directory tests run daemons of their own.
@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -192,42 +193,70 @@ class JunkProxy:
 
 
 class Comfy:
-    """A FakeComfyUI behind a ``JunkProxy`` on a fixed port; ``crash`` and ``restart`` give a
-    new FakeComfyUI with empty queue and history, as a real restart does. ``fakes`` keeps every
-    instance for its ``history_log``."""
+    """The simulator as a real process (``python -m tower_progress simulate``) behind a
+    ``JunkProxy`` on a fixed port. ``crash`` kills it with SIGKILL and drops every connection
+    of the proxy, as a crashed ComfyUI vanishes; ``start`` runs a new one, with an empty queue
+    and history as a real restart has. Each run's ``--journal`` is what really happened."""
 
-    def __init__(self) -> None:
+    def __init__(self, base: Path) -> None:
         self.proxy = JunkProxy(free_port())
-        self.fakes: list[FakeComfyUI] = []
-        self._server: ComfyServer | None = None
+        self.journals: list[Path] = []
+        self._base = base
+        self._proc: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.proxy.port}"
 
-    @property
-    def fake(self) -> FakeComfyUI:
-        return self.fakes[-1]
-
     async def start(self) -> None:
-        self.fakes.append(FakeComfyUI(speed=SPEED, seed=len(self.fakes) + 1))
-        self._server = await ComfyServer(self.fake).start()
-        await self.proxy.start(self._server.url)
+        run = len(self.journals) + 1
+        port, journal = free_port(), self._base / f"comfyui-{run}.jsonl"
+        self.journals.append(journal)
+        with (self._base / f"comfyui-{run}.log").open("wb") as log:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "tower_progress",
+                "simulate",
+                "--port",
+                str(port),
+                "--speed",
+                str(SPEED),
+                "--journal",
+                str(journal),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        upstream = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as session:
+            for _ in range(300):
+                assert self._proc.returncode is None, f"simulator exited, see {log.name}"
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{upstream}/system_stats") as response:
+                        if response.status == 200:
+                            break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"simulator never answered, see {log.name}")
+        await self.proxy.start(upstream)
 
     async def crash(self) -> None:
         await self.proxy.kill()
-        if self._server is not None:
-            await self._server.stop()
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+            await self._proc.wait()
         self.proxy = JunkProxy(self.proxy.port)
 
     def truth(self) -> dict[str, str]:
         """prompt id -> the state the daemon must show; prompts an instance still held when
         it crashed are ``lost``."""
         expected: dict[str, str] = {}
-        for number, fake in enumerate(self.fakes, start=1):
-            crashed = number < len(self.fakes)
-            for transition in fake.history_log:
-                expected[transition.prompt_id] = EXPECTED_STATE[transition.event]
+        for number, journal in enumerate(self.journals, start=1):
+            crashed = number < len(self.journals)
+            for line in journal.read_text().splitlines():
+                transition = json.loads(line)
+                expected[transition["prompt_id"]] = EXPECTED_STATE[transition["event"]]
             if crashed:
                 for prompt_id, state in expected.items():
                     if state in ("queued", "running"):
@@ -353,7 +382,7 @@ async def rig() -> AsyncIterator[Rig]:
     conn = await asyncpg.connect(dsn)
     await conn.execute(JOBS_TABLE_SQL)
     await conn.close()
-    comfy = Comfy()
+    comfy = Comfy(base)
     await comfy.start()
     env = daemon_env(
         base,

@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--jobs-interval", type=float, default=6.0, help="seconds between produced jobs"
     )
+    simulate.add_argument(
+        "--journal", type=Path, help="append every prompt transition to this file (JSON lines)"
+    )
     commands.add_parser("migrate", parents=[common], help="apply database migrations and exit")
     commands.add_parser("check", parents=[common], help="check config, database, ComfyUI and NVML")
     return parser
@@ -106,6 +109,7 @@ def _simulate(args: argparse.Namespace) -> int:
             speed=args.speed,
             dsn=args.database_url,
             jobs_interval=args.jobs_interval,
+            journal=args.journal,
             stop=stop,
         )
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
-from typing import Any
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TextIO
 
 from aiohttp import web
 
 from tower_progress.simulate.producer import Producer
-from tower_progress.simulate.server import FakeComfyUI
+from tower_progress.simulate.server import FakeComfyUI, PromptTransition
 
 _LOG = logging.getLogger(__name__)
 
@@ -25,6 +29,7 @@ async def run_simulator(
     jobs_interval: float,
     jobs_table: str = "public.production_jobs",
     watcher_client_id: str | None = None,
+    journal: Path | None = None,
 ) -> None:
     """Serve ``FakeComfyUI`` (and run a ``Producer`` when ``dsn`` is given) until ``stop``.
 
@@ -34,8 +39,35 @@ async def run_simulator(
     The producer writes to ``jobs_table``, which must exist with the reference columns
     (``sql/reference/production_jobs.sql``). If the producer stops with an error, everything
     is shut down and the error is raised. ``stop`` may be passed by position or keyword.
+
+    With ``journal``, every prompt transition (queued, started, completed, failed,
+    interrupted, deleted) is appended to that file as a JSON line the moment it happens, so
+    what really happened survives even a killed simulator.
     """
-    sim = FakeComfyUI(speed=speed)
+    with contextlib.ExitStack() as files:
+        out = files.enter_context(journal.open("a", buffering=1)) if journal else None
+        await _serve(
+            stop, host, port, speed, dsn, jobs_interval, jobs_table, watcher_client_id, out
+        )
+
+
+def _journal_line(out: TextIO, transition: PromptTransition) -> None:
+    out.write(json.dumps(asdict(transition)) + "\n")
+
+
+async def _serve(
+    stop: asyncio.Event,
+    host: str,
+    port: int,
+    speed: float,
+    dsn: str | None,
+    jobs_interval: float,
+    jobs_table: str,
+    watcher_client_id: str | None,
+    journal: TextIO | None,
+) -> None:
+    on_transition = functools.partial(_journal_line, journal) if journal else None
+    sim = FakeComfyUI(speed=speed, on_transition=on_transition)
     runner = web.AppRunner(sim.app, access_log=None)
     await runner.setup()
     producer: Producer | None = None

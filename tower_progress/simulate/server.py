@@ -129,6 +129,7 @@ class FakeComfyUI:
     ``seed`` makes ids, jitter and preview names reproducible. ``version`` switches the
     behaviours that changed between releases (``versions.Features``). ``preview_method`` is the
     server's ``--preview-method``: ``none`` sends no previews unless a prompt asks for them.
+    ``on_transition`` is called with each entry as it is added to ``history_log``.
     """
 
     def __init__(
@@ -141,6 +142,7 @@ class FakeComfyUI:
         frame_seconds: float = 0.01,
         version: str = "0.8.0",
         preview_method: str = "auto",
+        on_transition: Callable[[PromptTransition], None] | None = None,
     ) -> None:
         if not speed > 0:
             raise ValueError(f"speed must be positive, got {speed!r}")
@@ -175,6 +177,7 @@ class FakeComfyUI:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self.history_log: list[PromptTransition] = []
+        self._on_transition = on_transition
         self._app = self._build_app()
 
     @property
@@ -260,7 +263,10 @@ class FakeComfyUI:
         self._hub.send("status", {"status": self._queue_info()}, None)
 
     def _transition(self, prompt_id: str, event: TransitionEvent) -> None:
-        self.history_log.append(PromptTransition(prompt_id, event, time.time()))
+        transition = PromptTransition(prompt_id, event, time.time())
+        self.history_log.append(transition)
+        if self._on_transition is not None:
+            self._on_transition(transition)
         if len(self.history_log) > HISTORY_LOG_LIMIT:
             del self.history_log[: len(self.history_log) - HISTORY_LOG_LIMIT]
         _LOG.debug("prompt %s %s", prompt_id, event)
