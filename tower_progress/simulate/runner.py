@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 from dataclasses import asdict
@@ -44,30 +43,8 @@ async def run_simulator(
     interrupted, deleted) is appended to that file as a JSON line the moment it happens, so
     what really happened survives even a killed simulator.
     """
-    with contextlib.ExitStack() as files:
-        out = files.enter_context(journal.open("a", buffering=1)) if journal else None
-        await _serve(
-            stop, host, port, speed, dsn, jobs_interval, jobs_table, watcher_client_id, out
-        )
-
-
-def _journal_line(out: TextIO, transition: PromptTransition) -> None:
-    out.write(json.dumps(asdict(transition)) + "\n")
-
-
-async def _serve(
-    stop: asyncio.Event,
-    host: str,
-    port: int,
-    speed: float,
-    dsn: str | None,
-    jobs_interval: float,
-    jobs_table: str,
-    watcher_client_id: str | None,
-    journal: TextIO | None,
-) -> None:
-    on_transition = functools.partial(_journal_line, journal) if journal else None
-    sim = FakeComfyUI(speed=speed, on_transition=on_transition)
+    writer = _Journal(journal) if journal is not None else None
+    sim = FakeComfyUI(speed=speed, on_transition=writer)
     runner = web.AppRunner(sim.app, access_log=None)
     await runner.setup()
     producer: Producer | None = None
@@ -98,4 +75,23 @@ async def _serve(
             await producer.close()
         await sim.close()
         await runner.cleanup()
+        if writer is not None:
+            writer.close()
         _LOG.info("fake ComfyUI stopped")
+
+
+class _Journal:
+    """Appends each transition as a JSON line, written through at once; opened on first use."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._file: TextIO | None = None
+
+    def __call__(self, transition: PromptTransition) -> None:
+        if self._file is None:
+            self._file = self._path.open("a", buffering=1)
+        self._file.write(json.dumps(asdict(transition)) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
