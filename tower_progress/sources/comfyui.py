@@ -194,11 +194,15 @@ class ComfySource:
     # --- HTTP polling ----------------------------------------------------------------------
 
     async def _poll(self) -> None:
+        """Poll on each wake-up or interval while connected. ``asyncio.timeout``, not
+        ``wait_for``: on Python 3.11 the latter swallows a cancel that lands as the wake-up
+        does, and the task would then wait forever for a connection."""
         while True:
             await self._connected.wait()
             interval = self._busy_poll_s if self._has_active(self.name) else self._idle_poll_s
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
             self._wake.clear()
             if self._connected.is_set():
                 await self.resync()
