@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import struct
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -126,14 +127,16 @@ def reset() -> Answer:
 class Scripted:
     """A ComfyUI look-alike whose websocket frames and HTTP answers each test scripts.
 
-    ``/ws`` sends a status handshake, then whatever is put in ``frames`` (None tears the
-    connection down without a close frame). ``/queue`` and
+    ``/ws`` answers HTTP 503 while ``refusals`` last (one each), else sends a status handshake,
+    then whatever is put in ``frames`` (None tears the connection down without a close frame).
+    ``/queue`` and
     ``/history/{id}`` give their scripted answers in order, repeating the last; ``served``
     counts the requests. A ``slow`` answer waits for teardown, far past the client's timeout.
     """
 
     def __init__(self) -> None:
         self.frames: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        self.refusals = 0
         self.queue: list[Answer] = [body(queue_body([]))]
         self.history: dict[str, list[Answer]] = {}
         self.interrupt: list[Answer] = [raw(b"")]
@@ -157,6 +160,9 @@ class Scripted:
             self.frames.put_nowait(each)
 
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        if self.refusals > 0:
+            self.refusals -= 1
+            return web.Response(status=503, text="Service Unavailable")
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         await ws.send_str(json.dumps(HANDSHAKE))
@@ -537,7 +543,8 @@ async def test_a_websocket_torn_down_mid_stream_is_reconnected_and_resynced(
     assert [s.up for s in statuses] == [False, True, False, True]
     detail = statuses[2].detail or ""
     assert detail.startswith("closed: ")
-    assert ("WARNING", f"comfyui {NAME}: websocket closed ({detail}); reconnecting") in logs()
+    closed = f"comfyui {NAME}: websocket closed ({detail}); reconnecting in "
+    assert [level for level, message in logs() if message.startswith(closed)] == ["WARNING"]
     reconnected = len(watch.observations) - watch.observations[::-1].index(up)
     assert watch.of_type(QueueSnapshot)[-1] in watch.observations[reconnected:]
     views = watch.history(P)
@@ -769,8 +776,54 @@ async def test_a_silent_server_times_out_the_handshake_and_is_retried(
     attempts = [line for line in logs() if "cannot connect" in line[1]]
     expected = (
         f"comfyui {NAME}: cannot connect to http://127.0.0.1:{port} "
-        "(TimeoutError: timed out during opening handshake); retrying"
+        "(TimeoutError: timed out during opening handshake); retrying in "
     )
-    assert attempts[0] == ("WARNING", expected)
-    assert attempts[1:] == [("DEBUG", expected)] * (len(attempts) - 1)
+    assert [(level, message.startswith(expected)) for level, message in attempts] == [
+        ("WARNING", True),
+        *[("DEBUG", True)] * (len(attempts) - 1),
+    ]
     assert len(attempts) >= 2
+
+
+# --- reconnect backoff --------------------------------------------------------------------
+
+RETRY = re.compile(
+    r"comfyui box: (?:cannot connect to \S+ \((?P<why>.*)\); retrying"
+    r"|websocket closed \(.*\); reconnecting) in (?P<seconds>[0-9.e-]+) s$"
+)
+
+
+def waits(lines: list[tuple[str, str]]) -> list[tuple[str, str, float]]:
+    """(level, what, seconds) of each reconnect wait the source logged."""
+    found = []
+    for level, message in lines:
+        if match := RETRY.match(message):
+            found.append((level, match["why"] or "closed", float(match["seconds"])))
+    return found
+
+
+async def test_reconnects_back_off_doubling_with_jitter_up_to_the_cap_and_reset_by_a_connection(
+    box: Box, logs: Callable[[], list[tuple[str, str]]]
+) -> None:
+    server, watch = box.server, box.watch
+    server.refusals = 6
+    up = SourceStatus(f"comfyui:{NAME}", True)
+    async with box.watching(initial_backoff_s=0.05, max_backoff_s=0.2):
+        await watch.until("a connection", lambda: up in watch.observations)
+        server.refusals = 2
+        server.send(None)
+        await watch.until("a second connection", lambda: watch.observations.count(up) == 2)
+    refused = "InvalidStatus: server rejected WebSocket connection: HTTP 503"
+    seen = waits(logs())
+    assert [(level, what) for level, what, _ in seen] == [
+        ("WARNING", refused),
+        *[("DEBUG", refused)] * 5,
+        ("WARNING", "closed"),
+        ("WARNING", refused),
+        ("DEBUG", refused),
+    ]
+    caps = [0.05, 0.1, 0.2, 0.2, 0.2, 0.2, 0.05, 0.05, 0.1]
+    for (_, what, seconds), cap in zip(seen, caps, strict=True):
+        assert cap / 2 * 0.99 <= seconds <= cap * 1.01, (what, seconds, cap)
+    capped = [seconds for _, _, seconds in seen[2:6]]
+    assert len(set(capped)) > 1, capped

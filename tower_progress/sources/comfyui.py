@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import random
@@ -94,6 +95,7 @@ class ComfySource:
         self._connected = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._connect_failing = False
+        self._failure = ""
         self._poll_problems: set[str] = set()
 
     @property
@@ -125,24 +127,28 @@ class ComfySource:
         return random.uniform(cap / 2, cap)
 
     def _delays(self) -> Generator[float]:
-        attempt = 0
-        while True:
-            attempt += 1
-            yield self._backoff(attempt)
+        """The waits between the reconnect attempts of one outage (the library restarts this
+        after each connection), each logged with the failure before it: an outage's first at
+        WARNING, the rest at DEBUG."""
+        for attempt in itertools.count(1):
+            delay = self._backoff(attempt)
+            level = logging.DEBUG if self._connect_failing else logging.WARNING
+            self._connect_failing = True
+            log.log(
+                level,
+                "comfyui %s: cannot connect to %s (%s); retrying in %.3g s",
+                self.name,
+                self._url,
+                self._failure,
+                delay,
+            )
+            yield delay
 
     def _retry(self, exc: Exception) -> Exception | None:
-        """Reconnect after any failure but a URL that can never work; log an outage once."""
+        """Reconnect after any failure but a URL that can never work."""
         if isinstance(exc, InvalidURI):
             return exc
-        level = logging.DEBUG if self._connect_failing else logging.WARNING
-        self._connect_failing = True
-        log.log(
-            level,
-            "comfyui %s: cannot connect to %s (%s); retrying",
-            self.name,
-            self._url,
-            f"{type(exc).__name__}: {exc}".rstrip(": "),
-        )
+        self._failure = f"{type(exc).__name__}: {exc}".rstrip(": ")
         return None
 
     async def _watch(self) -> None:
@@ -167,13 +173,16 @@ class ComfySource:
                 self._wake.set()
                 detail = await self._read(ws)
                 self._connected.clear()
-                log.warning("comfyui %s: websocket closed (%s); reconnecting", self.name, detail)
+                quick_closes = quick_closes + 1 if time.monotonic() - opened < _STABLE_S else 0
+                wait = self._backoff(quick_closes) if quick_closes else 0.0
+                log.warning(
+                    "comfyui %s: websocket closed (%s); reconnecting in %.3g s",
+                    self.name,
+                    detail,
+                    wait,
+                )
                 self._emit(SourceStatus(self.source_name, False, detail))
-                if time.monotonic() - opened < _STABLE_S:
-                    quick_closes += 1
-                    await asyncio.sleep(self._backoff(quick_closes))
-                else:
-                    quick_closes = 0
+                await asyncio.sleep(wait)
         except InvalidURI as exc:
             log.error("comfyui %s: %s is not a usable URL: %s", self.name, self._url, exc)
             self._emit(SourceStatus(self.source_name, False, f"invalid URL {self._url}"))
