@@ -128,7 +128,8 @@ class Scripted:
     """A ComfyUI look-alike whose websocket frames and HTTP answers each test scripts.
 
     ``/ws`` answers HTTP 503 while ``refusals`` last (one each), else sends a status handshake,
-    then whatever is put in ``frames`` (None tears the connection down without a close frame).
+    then whatever is put in ``frames`` (None tears the connection down without a close frame);
+    while ``deaf`` lasts (one each) a socket gets the handshake, then nothing, not even pongs.
     ``/queue`` and
     ``/history/{id}`` give their scripted answers in order, repeating the last; ``served``
     counts the requests. A ``slow`` answer waits for teardown, far past the client's timeout.
@@ -137,6 +138,7 @@ class Scripted:
     def __init__(self) -> None:
         self.frames: asyncio.Queue[str | bytes | None] = asyncio.Queue()
         self.refusals = 0
+        self.deaf = 0
         self.queue: list[Answer] = [body(queue_body([]))]
         self.history: dict[str, list[Answer]] = {}
         self.interrupt: list[Answer] = [raw(b"")]
@@ -163,9 +165,13 @@ class Scripted:
         if self.refusals > 0:
             self.refusals -= 1
             return web.Response(status=503, text="Service Unavailable")
-        ws = web.WebSocketResponse()
+        deaf, self.deaf = self.deaf > 0, max(self.deaf - 1, 0)
+        ws = web.WebSocketResponse(autoping=not deaf)
         await ws.prepare(request)
         await ws.send_str(json.dumps(HANDSHAKE))
+        if deaf:
+            await self.released.wait()
+            return ws
         forward = asyncio.create_task(self._forward(request, ws))
         try:
             async for _ in ws:
@@ -526,6 +532,16 @@ async def test_a_frame_without_prompt_id_goes_to_the_running_prompt_with_a_log_l
     assert job["state"] == "running"
 
 
+def one_reconnect(watch: Watch, lines: list[tuple[str, str]]) -> str:
+    """The detail of the one websocket close, after checking its statuses and warning."""
+    statuses = watch.of_type(SourceStatus)
+    assert [s.up for s in statuses] == [False, True, False, True]
+    detail = statuses[2].detail or ""
+    closed = f"comfyui {NAME}: websocket closed ({detail}); reconnecting in "
+    assert [level for level, message in lines if message.startswith(closed)] == ["WARNING"]
+    return detail
+
+
 async def test_a_websocket_torn_down_mid_stream_is_reconnected_and_resynced(
     box: Box, logs: Callable[[], list[tuple[str, str]]]
 ) -> None:
@@ -539,18 +555,28 @@ async def test_a_websocket_torn_down_mid_stream_is_reconnected_and_resynced(
         await watch.until("a second connection", lambda: watch.observations.count(up) == 2)
         server.send(progress(6))
         await watch.step(P, 6)
-    statuses = watch.of_type(SourceStatus)
-    assert [s.up for s in statuses] == [False, True, False, True]
-    detail = statuses[2].detail or ""
-    assert detail.startswith("closed: ")
-    closed = f"comfyui {NAME}: websocket closed ({detail}); reconnecting in "
-    assert [level for level, message in logs() if message.startswith(closed)] == ["WARNING"]
+    assert one_reconnect(watch, logs()).startswith("closed: ")
     reconnected = len(watch.observations) - watch.observations[::-1].index(up)
     assert watch.of_type(QueueSnapshot)[-1] in watch.observations[reconnected:]
     views = watch.history(P)
     assert {v["state"] for v in views} == {"running"}
     assert any(v["stale"] for v in views)
     assert not views[-1]["stale"]
+
+
+async def test_a_socket_that_stops_answering_pings_is_closed_and_replaced(
+    box: Box, logs: Callable[[], list[tuple[str, str]]]
+) -> None:
+    server, watch = box.server, box.watch
+    server.deaf = 1
+    server.queue = [body(queue_body([item(7, P)]))]
+    up = SourceStatus(f"comfyui:{NAME}", True)
+    async with box.watching(ping_interval_s=0.1, close_timeout_s=0.2):
+        await watch.until("a second connection", lambda: watch.observations.count(up) == 2)
+        server.send(*START)
+        await watch.step(P, 5)
+    detail = one_reconnect(watch, logs())
+    assert detail.startswith("closed: sent 1011 (internal error) keepalive ping timeout")
 
 
 async def test_a_url_that_can_never_work_is_reported_once_and_not_retried(
@@ -752,7 +778,7 @@ async def test_cancel_reports_a_failing_comfyui_as_a_comfy_error(box: Box) -> No
 # --- a server that never answers ---------------------------------------------------------
 
 
-async def test_a_silent_server_times_out_the_handshake_and_is_retried(
+async def test_a_silent_server_times_out_the_handshake_and_is_retried_until_it_answers(
     logs: Callable[[], list[tuple[str, str]]],
 ) -> None:
     accepted = asyncio.Queue[None]()
@@ -765,24 +791,36 @@ async def test_a_silent_server_times_out_the_handshake_and_is_retried(
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     watch = Watch({NAME: WATCHER_ID})
+    answering = Scripted()
+    answering.queue = [body(queue_body([item(7, P)]))]
+    runner = web.AppRunner(answering.app)
+    await runner.setup()
     try:
         async with running(watch.source(NAME, f"http://127.0.0.1:{port}", open_timeout_s=0.2)):
             for _ in range(3):
                 await asyncio.wait_for(accepted.get(), 10)
+            server.close()
+            await server.wait_closed()
+            silent_part = list(watch.observations)
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            await watch.state(P, "running")
     finally:
         server.close()
-        await server.wait_closed()
-    assert watch.observations == [SourceStatus(f"comfyui:{NAME}", False, "connecting")]
+        answering.released.set()
+        await runner.cleanup()
+    assert silent_part == [SourceStatus(f"comfyui:{NAME}", False, "connecting")]
+    assert watch.observations[1] == SourceStatus(f"comfyui:{NAME}", True)
     attempts = [line for line in logs() if "cannot connect" in line[1]]
     expected = (
         f"comfyui {NAME}: cannot connect to http://127.0.0.1:{port} "
         "(TimeoutError: timed out during opening handshake); retrying in "
     )
-    assert [(level, message.startswith(expected)) for level, message in attempts] == [
+    assert [(level, message.startswith(expected)) for level, message in attempts[:3]] == [
         ("WARNING", True),
-        *[("DEBUG", True)] * (len(attempts) - 1),
+        ("DEBUG", True),
+        ("DEBUG", True),
     ]
-    assert len(attempts) >= 2
+    assert ("INFO", f"comfyui {NAME}: connected to http://127.0.0.1:{port}") in logs()
 
 
 # --- reconnect backoff --------------------------------------------------------------------

@@ -55,9 +55,10 @@ class ComfySource:
 
     ``unresolved`` and ``has_active`` are the tracker's answers (prompts whose outcome must be
     read from history; whether this instance has prompts in flight). Timeouts and backoff
-    bounds are in seconds: ``open_timeout_s`` for a websocket handshake, ``http_timeout_s`` for
-    a whole HTTP request; reconnects wait a jittered ``initial_backoff_s`` doubling up to
-    ``max_backoff_s``, reset by a connection that stays up.
+    bounds are in seconds: ``open_timeout_s`` for a websocket handshake, ``close_timeout_s`` for
+    its closing one (a dead connection found by its pings waits this long, as ComfyUI will not
+    answer), ``http_timeout_s`` for a whole HTTP request; reconnects wait a jittered
+    ``initial_backoff_s`` doubling up to ``max_backoff_s``, reset by a connection that stays up.
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class ComfySource:
         idle_poll_s: float = 15.0,
         http_timeout_s: float = 10.0,
         open_timeout_s: float = 10.0,
+        close_timeout_s: float = 2.0,
         initial_backoff_s: float = 1.0,
         max_backoff_s: float = 30.0,
         ping_interval_s: float = 20.0,
@@ -88,6 +90,7 @@ class ComfySource:
         self._idle_poll_s = idle_poll_s
         self._http_timeout_s = http_timeout_s
         self._open_timeout_s = open_timeout_s
+        self._close_timeout_s = close_timeout_s
         self._initial_backoff_s = initial_backoff_s
         self._max_backoff_s = max_backoff_s
         self._ping_interval_s = ping_interval_s
@@ -160,6 +163,7 @@ class ComfySource:
                 max_size=None,
                 compression=None,
                 open_timeout=self._open_timeout_s,
+                close_timeout=self._close_timeout_s,
                 ping_interval=self._ping_interval_s,
                 ping_timeout=self._ping_interval_s,
                 process_exception=self._retry,
