@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -50,11 +51,14 @@ Start = Callable[..., Awaitable[Served]]
 
 @pytest.fixture
 async def comfyui() -> AsyncIterator[Start]:
-    """Starts fast FakeComfyUIs (``await comfyui(seed, port=0)``); all stopped at teardown."""
+    """Starts fast FakeComfyUIs (``await comfyui(seed, port=0, version="0.8.0")``); all
+    stopped at teardown."""
     started: list[Served] = []
 
-    async def start(seed: int, port: int = 0) -> Served:
-        sim = FakeComfyUI(seed=seed, step_seconds=0.02, load_seconds=0.05, frame_seconds=0.005)
+    async def start(seed: int, port: int = 0, version: str = "0.8.0") -> Served:
+        sim = FakeComfyUI(
+            seed=seed, step_seconds=0.02, load_seconds=0.05, frame_seconds=0.005, version=version
+        )
         runner = web.AppRunner(sim.app)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -319,6 +323,32 @@ async def test_clearing_the_queue_cancels_every_waiting_prompt(local: Local) -> 
         await watch.state(prompt_id, "canceled")
     assert [states(watch, p) for p in waiting] == [["queued", "canceled"]] * 3
     assert watch.history(ahead)[-1]["state"] == "running"
+
+
+@pytest.mark.parametrize(
+    ("version", "outcomes_from"),
+    [("0.8.0", "/api/jobs and /history"), ("0.5.0", "/history")],
+    ids=["with-api-jobs", "before-api-jobs"],
+)
+async def test_outcomes_are_the_same_with_and_without_api_jobs(
+    comfyui: Start, caplog: pytest.LogCaptureFixture, version: str, outcomes_from: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="tower_progress.sources.comfyui")
+    watch = Watch({"local": WATCHER_ID})
+    server = await comfyui(seed=6, version=version)
+    async with running(watch.source("local", server.url)):
+        await watch.connected("local")
+        done = await submit(server.url, workflows.still(steps=3), OTHER_CLIENT)
+        finished = await watch.state(done, "completed")
+        ahead, waiting = await sampling_and_waiting(watch, server.url, OTHER_CLIENT)
+        await post(server.url, "/queue", {"delete": [waiting]})
+        await watch.state(waiting, "canceled")
+        await post(server.url, "/interrupt", {"prompt_id": ahead})
+        interrupted = await watch.state(ahead, "canceled")
+    assert finished["outputs"] == ["still_00001_.png"]
+    assert states(watch, waiting) == ["queued", "canceled"]
+    assert (interrupted["error"] or {})["message"] == "Interrupted"
+    assert f"comfyui local: ComfyUI {version}; outcomes from {outcomes_from}" in caplog.messages
 
 
 async def test_two_instances_feed_one_tracker_each_job_naming_its_instance(

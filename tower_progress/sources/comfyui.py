@@ -1,14 +1,16 @@
-"""One ComfyUI instance: its websocket stream plus ``/queue`` and ``/history`` polling.
+"""One ComfyUI instance: its websocket stream plus ``/queue``, ``/api/jobs`` and ``/history``
+polling.
 
 The websocket (``websockets``' reconnecting ``connect`` iterator, fed our own capped exponential
 backoff with jitter, reset after each success; client pings since ComfyUI sends none; no size
 limit; no permessage-deflate, which would cost both ends CPU on every progress frame for a few
 hundred bytes saved) feeds every text frame to the tracker. Because ComfyUI routes a prompt's
 events only to its submitter, ``/queue`` is polled on every ``status`` frame and every
-``busy_poll_s`` while prompts are active, then ``/history/{id}`` for prompts that left it (queue
-first, then history: the other order can miss a prompt). Garbage from ComfyUI is logged with
-context and skipped; a body that cannot be trusted is never turned into an observation, so a
-malformed answer can delay a job's update but never end it wrongly.
+``busy_poll_s`` while prompts are active, then the outcome of prompts that left it (queue
+first, then history: the other order can miss a prompt): one ``/api/jobs`` page where ComfyUI
+has it tells which have a history entry, read from ``/history/{id}``. Garbage from ComfyUI is
+logged with context and skipped; a body that cannot be trusted is never turned into an
+observation, so a malformed answer can delay a job's update but never end it wrongly.
 """
 
 from __future__ import annotations
@@ -29,14 +31,19 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidURI
 
 from tower_progress.core.model import (
+    HistoryEntry,
     Observation,
     SourceStatus,
 )
 from tower_progress.sources.comfyui_wire import (
+    JOBS_API_SINCE,
     ComfyError,
+    FinishedJobs,
+    parse_finished_jobs,
     parse_frame,
     parse_history,
     parse_queue,
+    parse_version,
 )
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,8 @@ Resolver = Callable[[str, float], list[str]]
 
 # A connection that closes sooner than this counts as a failed attempt for the backoff.
 _STABLE_S = 5.0
+# The newest finished jobs asked for at once: far more than finish between two polls.
+_FINISHED_JOBS = "/api/jobs?status=completed,failed&sort_by=created_at&sort_order=desc&limit=200"
 
 
 class ComfySource:
@@ -99,6 +108,8 @@ class ComfySource:
         self._session: aiohttp.ClientSession | None = None
         self._connect_failing = False
         self._failure = ""
+        self._stats_due = False
+        self._jobs_api = True
         self._poll_problems: set[str] = set()
 
     @property
@@ -172,6 +183,7 @@ class ComfySource:
                 self._connect_failing = False
                 opened = time.monotonic()
                 log.info("comfyui %s: connected to %s", self.name, self._url)
+                self._stats_due, self._jobs_api = True, True
                 self._emit(SourceStatus(self.source_name, True))
                 self._connected.set()
                 self._wake.set()
@@ -221,26 +233,72 @@ class ComfySource:
                 await self.resync()
 
     async def resync(self) -> None:
-        """Read ``/queue``, then ``/history`` of every prompt the tracker cannot place.
+        """Read ``/queue``, then the outcome of every prompt the tracker cannot place.
 
-        A failed ``/queue`` skips the history reads (their answers are only meaningful after
-        a snapshot); a failed history read skips only that prompt. Either is retried on the
-        next poll, so nothing is lost.
+        A connection's first poll reads ``/system_stats``: ComfyUI's version says whether it
+        has ``/api/jobs`` (a 404 says so too, once per connection). Where it has, one page of
+        its finished jobs lists the prompts with a history entry: one that is not listed on a
+        complete page has none (deleted, or wiped by a restart) without a request of its own;
+        the others are read from ``/history/{id}`` for their outputs and messages.
+
+        A failed ``/queue`` skips the rest (outcomes are only meaningful after a snapshot); a
+        failed jobs page falls back to ``/history``; a failed history read skips only that
+        prompt. Each is retried on the next poll, so nothing is lost.
         """
         problems: list[str] = []
+        if self._stats_due:
+            self._stats_due = False
+            await self._learn_version(problems)
         try:
             snapshot = parse_queue(self.name, await self._get("/queue"))
         except ComfyError as exc:
             problems.append(str(exc))
         else:
             self._emit(snapshot)
-            for prompt_id in self._unresolved(self.name, time.time()):
+            wanted = self._unresolved(self.name, time.time())
+            finished = await self._finished(problems) if wanted else None
+            for prompt_id in wanted:
+                if finished is not None and finished.complete and prompt_id not in finished.ids:
+                    self._emit(HistoryEntry(self.name, prompt_id, None))
+                    continue
                 try:
                     body = await self._get(f"/history/{prompt_id}")
                     self._emit(parse_history(self.name, prompt_id, body))
                 except ComfyError as exc:
                     problems.append(f"prompt {prompt_id}: {exc}")
         self._report(problems)
+
+    async def _learn_version(self, problems: list[str]) -> None:
+        try:
+            version = parse_version(await self._get("/system_stats"))
+        except ComfyError as exc:
+            problems.append(str(exc))
+            return
+        if version is not None and version < JOBS_API_SINCE:
+            self._jobs_api = False
+        log.info(
+            "comfyui %s: ComfyUI %s; outcomes from %s",
+            self.name,
+            ".".join(map(str, version)) if version else "of unknown version",
+            "/api/jobs and /history" if self._jobs_api else "/history",
+        )
+
+    async def _finished(self, problems: list[str]) -> FinishedJobs | None:
+        """The newest finished jobs, or None where ``/api/jobs`` is missing or failed."""
+        if not self._jobs_api:
+            return None
+        try:
+            return parse_finished_jobs(await self._get(_FINISHED_JOBS))
+        except ComfyError as exc:
+            if exc.status == 404:
+                self._jobs_api = False
+                log.info(
+                    "comfyui %s: no /api/jobs (before ComfyUI 0.6.0): outcomes from /history",
+                    self.name,
+                )
+            else:
+                problems.append(f"{exc}; outcomes from /history")
+            return None
 
     def _report(self, problems: list[str]) -> None:
         """Each poll failure once at WARNING, its repeats at DEBUG, the recovery at INFO."""
@@ -261,7 +319,9 @@ class ComfySource:
         try:
             async with self._session.request(method, self._url + path, json=body) as response:
                 if response.status >= 400:
-                    raise ComfyError(f"{method} {path} answered HTTP {response.status}")
+                    raise ComfyError(
+                        f"{method} {path} answered HTTP {response.status}", response.status
+                    )
                 raw = await response.read()
         except TimeoutError:
             raise ComfyError(
