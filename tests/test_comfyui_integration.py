@@ -1,14 +1,17 @@
 """The real ComfySource and Tracker against the simulator's FakeComfyUI on 127.0.0.1.
 
-Each visibility level (DESIGN §5), a ComfyUI restart mid-sampling, interrupts, queue deletes
-and clears, and two instances at once. The simulator runs fast (20 ms sampler steps) and every
-wait is on what the source emitted.
+Each visibility level (DESIGN §5), a ComfyUI restart mid-sampling, a network blip, interrupts,
+queue deletes and clears, and two instances at once. The simulator runs fast (20 ms sampler
+steps) and every wait is on what the source emitted.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
@@ -48,11 +51,14 @@ Start = Callable[..., Awaitable[Served]]
 
 @pytest.fixture
 async def comfyui() -> AsyncIterator[Start]:
-    """Starts fast FakeComfyUIs (``await comfyui(seed, port=0)``); all stopped at teardown."""
+    """Starts fast FakeComfyUIs (``await comfyui(seed, port=0, version="0.8.0")``); all
+    stopped at teardown."""
     started: list[Served] = []
 
-    async def start(seed: int, port: int = 0) -> Served:
-        sim = FakeComfyUI(seed=seed, step_seconds=0.02, load_seconds=0.05, frame_seconds=0.005)
+    async def start(seed: int, port: int = 0, version: str = "0.8.0") -> Served:
+        sim = FakeComfyUI(
+            seed=seed, step_seconds=0.02, load_seconds=0.05, frame_seconds=0.005, version=version
+        )
         runner = web.AppRunner(sim.app)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -130,6 +136,17 @@ async def test_another_clients_prompt_is_seen_coarsely_from_queue_and_history(
     assert done["started_at"] is not None and done["finished_at"] is not None
 
 
+async def sampling_and_waiting(
+    watch: Watch, url: str, waiting_client: str | None
+) -> tuple[str, str]:
+    """A long prompt of the watcher's seen sampling, and a short one seen queued behind it."""
+    sampling = await submit(url, workflows.still(steps=LONG), WATCHER_ID)
+    waiting = await submit(url, workflows.still(steps=5), waiting_client)
+    await watch.step(sampling, 3)
+    await watch.state(waiting, "queued")
+    return sampling, waiting
+
+
 async def test_a_restarted_comfyui_leaves_its_prompts_lost_never_completed(
     comfyui: Start,
 ) -> None:
@@ -137,10 +154,7 @@ async def test_a_restarted_comfyui_leaves_its_prompts_lost_never_completed(
     first = await comfyui(seed=3)
     async with running(watch.source("local", first.url)):
         await watch.connected("local")
-        sampling = await submit(first.url, workflows.still(steps=LONG), WATCHER_ID)
-        waiting = await submit(first.url, workflows.still(steps=5), None)
-        await watch.step(sampling, 3)
-        await watch.state(waiting, "queued")
+        sampling, waiting = await sampling_and_waiting(watch, first.url, None)
         await first.stop()
         outage = await watch.stale(sampling)
         assert (await watch.stale(waiting))["state"] == "queued"
@@ -156,6 +170,99 @@ async def test_a_restarted_comfyui_leaves_its_prompts_lost_never_completed(
     ups = [s.up for s in watch.of_type(SourceStatus)]
     assert ups[:3] == [False, True, False]
     assert ups[-1] is True
+
+
+@dataclass
+class Relay:
+    """A TCP relay on 127.0.0.1 to ``upstream``: what a network between daemon and ComfyUI does.
+
+    ``cut`` drops every connection and refuses new ones until ``mend``: a blip, ComfyUI and its
+    queue untouched.
+    """
+
+    upstream: int
+    port: int = 0
+    refusing: bool = False
+    _server: asyncio.Server | None = None
+    _links: set[asyncio.Task[None]] = field(default_factory=set)
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def cut(self) -> None:
+        self.refusing = True
+        for writer in self._writers:
+            writer.transport.abort()
+
+    def mend(self) -> None:
+        self.refusing = False
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        self.cut()
+        await asyncio.gather(*self._links, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._links.add(task)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        self._writers |= {writer, up_writer}
+        pipes = [
+            asyncio.create_task(self._pipe(reader, up_writer)),
+            asyncio.create_task(self._pipe(up_reader, writer)),
+        ]
+        try:
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for each in (writer, up_writer):
+                each.transport.abort()
+                self._writers.discard(each)
+            await asyncio.gather(*pipes, return_exceptions=True)
+            self._links.discard(task)
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+
+
+async def test_a_prompt_deleted_during_a_network_blip_is_canceled_not_lost(
+    comfyui: Start,
+) -> None:
+    watch = Watch({"local": WATCHER_ID})
+    server = await comfyui(seed=5)
+    relay = Relay(server.port)
+    await relay.start()
+    try:
+        async with running(watch.source("local", relay.url)):
+            await watch.connected("local")
+            ahead, waiting = await sampling_and_waiting(watch, server.url, OTHER_CLIENT)
+            relay.cut()
+            assert (await watch.stale(waiting))["state"] == "queued"
+            await post(server.url, "/queue", {"delete": [waiting]})
+            relay.mend()
+            canceled = await watch.state(waiting, "canceled")
+            await watch.step(ahead, watch.history(ahead)[-1]["step"] + 1)
+    finally:
+        await relay.close()
+    assert states(watch, waiting) == ["queued", "canceled"]
+    assert (canceled["stale"], canceled["started_at"]) == (False, None)
+    assert watch.history(ahead)[-1]["state"] == "running"
+    assert [s.up for s in watch.of_type(SourceStatus)][:3] == [False, True, False]
 
 
 @pytest.mark.parametrize(
@@ -216,6 +323,32 @@ async def test_clearing_the_queue_cancels_every_waiting_prompt(local: Local) -> 
         await watch.state(prompt_id, "canceled")
     assert [states(watch, p) for p in waiting] == [["queued", "canceled"]] * 3
     assert watch.history(ahead)[-1]["state"] == "running"
+
+
+@pytest.mark.parametrize(
+    ("version", "outcomes_from"),
+    [("0.8.0", "/api/jobs and /history"), ("0.5.0", "/history")],
+    ids=["with-api-jobs", "before-api-jobs"],
+)
+async def test_outcomes_are_the_same_with_and_without_api_jobs(
+    comfyui: Start, caplog: pytest.LogCaptureFixture, version: str, outcomes_from: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="tower_progress.sources.comfyui")
+    watch = Watch({"local": WATCHER_ID})
+    server = await comfyui(seed=6, version=version)
+    async with running(watch.source("local", server.url)):
+        await watch.connected("local")
+        done = await submit(server.url, workflows.still(steps=3), OTHER_CLIENT)
+        finished = await watch.state(done, "completed")
+        ahead, waiting = await sampling_and_waiting(watch, server.url, OTHER_CLIENT)
+        await post(server.url, "/queue", {"delete": [waiting]})
+        await watch.state(waiting, "canceled")
+        await post(server.url, "/interrupt", {"prompt_id": ahead})
+        interrupted = await watch.state(ahead, "canceled")
+    assert finished["outputs"] == ["still_00001_.png"]
+    assert states(watch, waiting) == ["queued", "canceled"]
+    assert (interrupted["error"] or {})["message"] == "Interrupted"
+    assert f"comfyui local: ComfyUI {version}; outcomes from {outcomes_from}" in caplog.messages
 
 
 async def test_two_instances_feed_one_tracker_each_job_naming_its_instance(

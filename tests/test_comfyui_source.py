@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import struct
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -84,6 +85,18 @@ def history_body(prompt_id: str) -> dict[str, Any]:
     }
 
 
+def system_stats(version: str) -> dict[str, Any]:
+    """The parts of a ``GET /system_stats`` body the source reads (protocol §6)."""
+    return {"system": {"os": "linux", "comfyui_version": version}, "devices": []}
+
+
+def finished_jobs(*prompt_ids: str, has_more: bool = False) -> dict[str, Any]:
+    """A ``GET /api/jobs?status=completed,failed`` page listing these prompts as completed."""
+    jobs = [{"id": p, "status": "completed", "priority": 7, "outputs_count": 1} for p in prompt_ids]
+    pagination = {"offset": 0, "limit": 200, "total": len(jobs), "has_more": has_more}
+    return {"jobs": jobs, "pagination": pagination}
+
+
 # --- scripted answers ----------------------------------------------------------------------
 
 
@@ -126,17 +139,25 @@ def reset() -> Answer:
 class Scripted:
     """A ComfyUI look-alike whose websocket frames and HTTP answers each test scripts.
 
-    ``/ws`` sends a status handshake, then whatever is put in ``frames`` (None tears the
-    connection down without a close frame). ``/queue`` and
-    ``/history/{id}`` give their scripted answers in order, repeating the last; ``served``
-    counts the requests. A ``slow`` answer waits for teardown, far past the client's timeout.
+    ``/ws`` answers HTTP 503 while ``refusals`` last (one each), else sends a status handshake,
+    then whatever is put in ``frames`` (None tears the connection down without a close frame);
+    while ``deaf`` lasts (one each) a socket gets the handshake, then nothing, not even pongs.
+    ``/queue``, ``/history/{id}``, ``/system_stats`` and ``/api/jobs`` (by default: ComfyUI
+    0.8.0 with no jobs API) give their scripted answers in order, repeating the last;
+    ``served`` counts the requests. A ``slow`` answer waits for teardown, far past the
+    client's timeout.
     """
 
     def __init__(self) -> None:
         self.frames: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        self.refusals = 0
+        self.deaf = 0
         self.queue: list[Answer] = [body(queue_body([]))]
         self.history: dict[str, list[Answer]] = {}
         self.interrupt: list[Answer] = [raw(b"")]
+        self.system_stats: list[Answer] = [body(system_stats("0.8.0"))]
+        self.jobs: list[Answer] = [status(404)]
+        self.jobs_queries: list[dict[str, str]] = []
         self.served: Counter[str] = Counter()
         self.released = asyncio.Event()
         self.app = web.Application()
@@ -144,6 +165,8 @@ class Scripted:
         self.app.router.add_get("/queue", self._queue)
         self.app.router.add_get("/history/{prompt_id}", self._history)
         self.app.router.add_post("/interrupt", self._interrupt)
+        self.app.router.add_get("/system_stats", self._system_stats)
+        self.app.router.add_get("/api/jobs", self._jobs)
 
     def slow(self) -> Answer:
         async def answer(_request: web.Request) -> web.StreamResponse:
@@ -157,9 +180,16 @@ class Scripted:
             self.frames.put_nowait(each)
 
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse()
+        if self.refusals > 0:
+            self.refusals -= 1
+            return web.Response(status=503, text="Service Unavailable")
+        deaf, self.deaf = self.deaf > 0, max(self.deaf - 1, 0)
+        ws = web.WebSocketResponse(autoping=not deaf)
         await ws.prepare(request)
         await ws.send_str(json.dumps(HANDSHAKE))
+        if deaf:
+            await self.released.wait()
+            return ws
         forward = asyncio.create_task(self._forward(request, ws))
         try:
             async for _ in ws:
@@ -198,6 +228,13 @@ class Scripted:
 
     async def _interrupt(self, request: web.Request) -> web.StreamResponse:
         return await self._serve("/interrupt", self.interrupt, request)
+
+    async def _system_stats(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve("/system_stats", self.system_stats, request)
+
+    async def _jobs(self, request: web.Request) -> web.StreamResponse:
+        self.jobs_queries.append(dict(request.query))
+        return await self._serve("/api/jobs", self.jobs, request)
 
 
 @dataclass
@@ -459,6 +496,7 @@ async def test_a_bad_frame_is_logged_and_changes_nothing(
     server, watch = box.server, box.watch
     server.queue = [body(queue_body([item(7, P)]))]
     async with box.watching():
+        await watch.until("the first poll", lambda: watch.of_type(QueueSnapshot))
         server.send(*START)
         await watch.step(P, 5)
         before = logs()
@@ -520,6 +558,16 @@ async def test_a_frame_without_prompt_id_goes_to_the_running_prompt_with_a_log_l
     assert job["state"] == "running"
 
 
+def one_reconnect(watch: Watch, lines: list[tuple[str, str]]) -> str:
+    """The detail of the one websocket close, after checking its statuses and warning."""
+    statuses = watch.of_type(SourceStatus)
+    assert [s.up for s in statuses] == [False, True, False, True]
+    detail = statuses[2].detail or ""
+    closed = f"comfyui {NAME}: websocket closed ({detail}); reconnecting in "
+    assert [level for level, message in lines if message.startswith(closed)] == ["WARNING"]
+    return detail
+
+
 async def test_a_websocket_torn_down_mid_stream_is_reconnected_and_resynced(
     box: Box, logs: Callable[[], list[tuple[str, str]]]
 ) -> None:
@@ -533,17 +581,31 @@ async def test_a_websocket_torn_down_mid_stream_is_reconnected_and_resynced(
         await watch.until("a second connection", lambda: watch.observations.count(up) == 2)
         server.send(progress(6))
         await watch.step(P, 6)
-    statuses = watch.of_type(SourceStatus)
-    assert [s.up for s in statuses] == [False, True, False, True]
-    detail = statuses[2].detail or ""
-    assert detail.startswith("closed: ")
-    assert ("WARNING", f"comfyui {NAME}: websocket closed ({detail}); reconnecting") in logs()
-    reconnected = len(watch.observations) - watch.observations[::-1].index(up)
-    assert watch.of_type(QueueSnapshot)[-1] in watch.observations[reconnected:]
+        reconnected = len(watch.observations) - watch.observations[::-1].index(up)
+        await watch.until(
+            "a resync after the reconnect",
+            lambda: [o for o in watch.observations[reconnected:] if isinstance(o, QueueSnapshot)],
+        )
+    assert one_reconnect(watch, logs()).startswith("closed: ")
     views = watch.history(P)
     assert {v["state"] for v in views} == {"running"}
     assert any(v["stale"] for v in views)
     assert not views[-1]["stale"]
+
+
+async def test_a_socket_that_stops_answering_pings_is_closed_and_replaced(
+    box: Box, logs: Callable[[], list[tuple[str, str]]]
+) -> None:
+    server, watch = box.server, box.watch
+    server.deaf = 1
+    server.queue = [body(queue_body([item(7, P)]))]
+    up = SourceStatus(f"comfyui:{NAME}", True)
+    async with box.watching(ping_interval_s=0.1, close_timeout_s=0.2):
+        await watch.until("a second connection", lambda: watch.observations.count(up) == 2)
+        server.send(*START)
+        await watch.step(P, 5)
+    detail = one_reconnect(watch, logs())
+    assert detail.startswith("closed: sent 1011 (internal error) keepalive ping timeout")
 
 
 async def test_a_url_that_can_never_work_is_reported_once_and_not_retried(
@@ -745,7 +807,7 @@ async def test_cancel_reports_a_failing_comfyui_as_a_comfy_error(box: Box) -> No
 # --- a server that never answers ---------------------------------------------------------
 
 
-async def test_a_silent_server_times_out_the_handshake_and_is_retried(
+async def test_a_silent_server_times_out_the_handshake_and_is_retried_until_it_answers(
     logs: Callable[[], list[tuple[str, str]]],
 ) -> None:
     accepted = asyncio.Queue[None]()
@@ -758,19 +820,202 @@ async def test_a_silent_server_times_out_the_handshake_and_is_retried(
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     watch = Watch({NAME: WATCHER_ID})
+    answering = Scripted()
+    answering.queue = [body(queue_body([item(7, P)]))]
+    runner = web.AppRunner(answering.app)
+    await runner.setup()
     try:
         async with running(watch.source(NAME, f"http://127.0.0.1:{port}", open_timeout_s=0.2)):
             for _ in range(3):
                 await asyncio.wait_for(accepted.get(), 10)
+            server.close()
+            await server.wait_closed()
+            silent_part = list(watch.observations)
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            await watch.state(P, "running")
     finally:
         server.close()
-        await server.wait_closed()
-    assert watch.observations == [SourceStatus(f"comfyui:{NAME}", False, "connecting")]
+        answering.released.set()
+        await runner.cleanup()
+    assert silent_part == [SourceStatus(f"comfyui:{NAME}", False, "connecting")]
+    assert watch.observations[1] == SourceStatus(f"comfyui:{NAME}", True)
     attempts = [line for line in logs() if "cannot connect" in line[1]]
     expected = (
         f"comfyui {NAME}: cannot connect to http://127.0.0.1:{port} "
-        "(TimeoutError: timed out during opening handshake); retrying"
+        "(TimeoutError: timed out during opening handshake); retrying in "
     )
-    assert attempts[0] == ("WARNING", expected)
-    assert attempts[1:] == [("DEBUG", expected)] * (len(attempts) - 1)
-    assert len(attempts) >= 2
+    assert [(level, message.startswith(expected)) for level, message in attempts[:3]] == [
+        ("WARNING", True),
+        ("DEBUG", True),
+        ("DEBUG", True),
+    ]
+    assert ("INFO", f"comfyui {NAME}: connected to http://127.0.0.1:{port}") in logs()
+
+
+# --- reconnect backoff --------------------------------------------------------------------
+
+RETRY = re.compile(
+    r"comfyui box: (?:cannot connect to \S+ \((?P<why>.*)\); retrying"
+    r"|websocket closed \(.*\); reconnecting) in (?P<seconds>[0-9.e-]+) s$"
+)
+
+
+def waits(lines: list[tuple[str, str]]) -> list[tuple[str, str, float]]:
+    """(level, what, seconds) of each reconnect wait the source logged."""
+    found = []
+    for level, message in lines:
+        if match := RETRY.match(message):
+            found.append((level, match["why"] or "closed", float(match["seconds"])))
+    return found
+
+
+async def test_reconnects_back_off_doubling_with_jitter_up_to_the_cap_and_reset_by_a_connection(
+    box: Box, logs: Callable[[], list[tuple[str, str]]]
+) -> None:
+    server, watch = box.server, box.watch
+    server.refusals = 6
+    up = SourceStatus(f"comfyui:{NAME}", True)
+    async with box.watching(initial_backoff_s=0.05, max_backoff_s=0.2):
+        await watch.until("a connection", lambda: up in watch.observations)
+        server.refusals = 2
+        server.send(None)
+        await watch.until("a second connection", lambda: watch.observations.count(up) == 2)
+    refused = "InvalidStatus: server rejected WebSocket connection: HTTP 503"
+    seen = waits(logs())
+    assert [(level, what) for level, what, _ in seen] == [
+        ("WARNING", refused),
+        *[("DEBUG", refused)] * 5,
+        ("WARNING", "closed"),
+        ("WARNING", refused),
+        ("DEBUG", refused),
+    ]
+    caps = [0.05, 0.1, 0.2, 0.2, 0.2, 0.2, 0.05, 0.05, 0.1]
+    for (_, what, seconds), cap in zip(seen, caps, strict=True):
+        assert cap / 2 * 0.99 <= seconds <= cap * 1.01, (what, seconds, cap)
+    capped = [seconds for _, _, seconds in seen[2:6]]
+    assert len(set(capped)) > 1, capped
+
+
+# --- /system_stats and /api/jobs ----------------------------------------------------------
+
+
+def left_the_queue(server: Scripted) -> None:
+    """P runs and Q waits, then both are gone from /queue; P finished, Q was deleted."""
+    server.queue = [body(queue_body([item(7, P)], [item(9, Q)])), body(queue_body([]))]
+    server.history[P] = [body(history_body(P))]
+
+
+async def outcomes(box: Box) -> None:
+    """Watch until P is completed and Q canceled."""
+    async with box.watching():
+        await box.watch.state(P, "completed")
+        await box.watch.state(Q, "canceled")
+
+
+@pytest.mark.parametrize("has_more", [False, True], ids=["one-page", "more-pages"])
+async def test_api_jobs_spares_a_history_read_for_each_prompt_without_an_entry(
+    box: Box, logs: Callable[[], list[tuple[str, str]]], has_more: bool
+) -> None:
+    server = box.server
+    left_the_queue(server)
+    server.jobs = [body(finished_jobs(P, has_more=has_more))]
+    await outcomes(box)
+    assert (server.served[f"/history/{P}"], server.served[f"/history/{Q}"]) == (1, int(has_more))
+    assert server.jobs_queries[0] == {
+        "status": "completed,failed",
+        "sort_by": "created_at",
+        "sort_order": "desc",
+        "limit": "200",
+    }
+    version = f"comfyui {NAME}: ComfyUI 0.8.0; outcomes from /api/jobs and /history"
+    assert ("INFO", version) in logs()
+    assert [line for line in logs() if line[0] == "WARNING"] == []
+
+
+async def test_a_comfyui_without_api_jobs_is_asked_once_then_read_from_history(
+    box: Box, logs: Callable[[], list[tuple[str, str]]]
+) -> None:
+    server = box.server
+    left_the_queue(server)
+    server.history[P] = [status(500), body(history_body(P))]
+    await outcomes(box)
+    assert server.served["/api/jobs"] == 1
+    assert (server.served[f"/history/{P}"], server.served[f"/history/{Q}"]) == (2, 1)
+    assert (
+        "INFO",
+        f"comfyui {NAME}: no /api/jobs (before ComfyUI 0.6.0): outcomes from /history",
+    ) in logs()
+
+
+async def test_a_comfyui_older_than_api_jobs_is_never_asked_for_it(
+    box: Box, logs: Callable[[], list[tuple[str, str]]]
+) -> None:
+    server = box.server
+    left_the_queue(server)
+    server.system_stats = [body(system_stats("0.5.1"))]
+    await outcomes(box)
+    assert server.served["/api/jobs"] == 0
+    assert server.served[f"/history/{Q}"] == 1
+    assert ("INFO", f"comfyui {NAME}: ComfyUI 0.5.1; outcomes from /history") in logs()
+
+
+BAD_JOBS: list[tuple[str, Answer, str]] = [
+    ("http-500", status(500), "GET /api/jobs?"),
+    ("list-body", body([]), "/api/jobs body is list, expected an object"),
+    (
+        "no-pagination",
+        body({"jobs": []}),
+        "/api/jobs pagination has no has_more flag: None",
+    ),
+    (
+        "pending-job-listed",
+        body({"jobs": [{"id": Q, "status": "pending"}], "pagination": {"has_more": False}}),
+        f"/api/jobs lists a job that is not a finished one: {{'id': '{Q}', 'status': 'pending'}}",
+    ),
+    (
+        "id-number",
+        body({"jobs": [{"id": 5, "status": "completed"}], "pagination": {"has_more": False}}),
+        "/api/jobs lists a job that is not a finished one: {'id': 5, 'status': 'completed'}",
+    ),
+    ("cut-json", raw(b'{"jobs": ['), "GET /api/jobs?"),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), cases(BAD_JOBS))
+async def test_a_bad_api_jobs_answer_falls_back_to_history_for_that_poll(
+    box: Box, logs: Callable[[], list[tuple[str, str]]], bad: Answer, message: str
+) -> None:
+    server = box.server
+    left_the_queue(server)
+    server.history[P] = [status(500), body(history_body(P))]
+    server.jobs = [bad, body(finished_jobs(P))]
+    await outcomes(box)
+    assert server.served["/api/jobs"] == 2
+    assert (server.served[f"/history/{P}"], server.served[f"/history/{Q}"]) == (2, 1)
+    warnings = [text for level, text in logs() if level == "WARNING"]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(f"comfyui {NAME}: poll failed: {message}")
+    assert warnings[0].endswith("; outcomes from /history")
+    assert warnings[1] == (
+        f"comfyui {NAME}: poll failed: prompt {P}: GET /history/{P} answered HTTP 500"
+    )
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (status(500), "GET /system_stats answered HTTP 500"),
+        (body({"devices": []}), "/system_stats body has no system object: {'devices': []}"),
+    ],
+    ids=["http-500", "no-system"],
+)
+async def test_an_unreadable_system_stats_leaves_api_jobs_to_be_tried(
+    box: Box, logs: Callable[[], list[tuple[str, str]]], bad: Answer, message: str
+) -> None:
+    server = box.server
+    left_the_queue(server)
+    server.system_stats = [bad]
+    server.jobs = [body(finished_jobs(P))]
+    await outcomes(box)
+    assert (server.served["/system_stats"], server.served[f"/history/{Q}"]) == (1, 0)
+    assert only_warning(logs()) == f"comfyui {NAME}: poll failed: {message}"

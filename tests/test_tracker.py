@@ -306,6 +306,109 @@ def test_running_prompt_that_vanishes_is_lost_never_completed() -> None:
     ]
 
 
+def reconnect(tracker: Tracker, at: float) -> None:
+    tracker.apply(SourceStatus("comfyui:local", False, "closed"), at)
+    tracker.apply(SourceStatus("comfyui:local", True), at + 1)
+
+
+def running_and_waiting() -> Tracker:
+    """p1 sampling, p2 queued behind it, the source up."""
+    tracker = Tracker()
+    tracker.apply(SourceStatus("comfyui:local", True), T0)
+    tracker.apply(queue(["p1"], ["p2"]), T0)
+    run_steps(tracker, "p1", 3, T0)
+    return tracker
+
+
+def state_of(tracker: Tracker, prompt_id: str) -> str:
+    job = tracker.job(f"comfy:{prompt_id}")
+    assert job is not None
+    return str(job["state"])
+
+
+@pytest.mark.parametrize("p1_finished", [False, True], ids=["p1-still-running", "p1-finished"])
+def test_a_prompt_deleted_during_a_network_blip_is_canceled_not_lost(p1_finished: bool) -> None:
+    tracker = running_and_waiting()
+    reconnect(tracker, T0 + 5)
+    if p1_finished:
+        tracker.apply(queue([], []), T0 + 7)
+        assert tracker.unresolved_prompts("local", T0 + 7) == ["p1", "p2"]
+        tracker.apply(history("p1"), T0 + 7)
+    else:
+        tracker.apply(queue(["p1"], []), T0 + 7)
+    assert tracker.unresolved_prompts("local", T0 + 7) == ["p2"]
+    tracker.apply(HistoryEntry("local", "p2", None), T0 + 7)
+    assert state_of(tracker, "p2") == "canceled"
+    assert state_of(tracker, "p1") == ("completed" if p1_finished else "running")
+
+
+def test_after_a_reconnect_a_vanished_prompt_waits_for_the_witness_answer() -> None:
+    tracker = running_and_waiting()
+    reconnect(tracker, T0 + 5)
+    tracker.apply(HistoryEntry("local", "p2", None), T0 + 6)
+    assert tracker.unresolved_prompts("local", T0 + 6) == []
+    tracker.apply(queue([], []), T0 + 7)
+    tracker.apply(HistoryEntry("local", "p2", None), T0 + 7)
+    assert state_of(tracker, "p2") == "queued"
+    assert tracker.unresolved_prompts("local", T0 + 8) == ["p1", "p2"]
+    tracker.apply(history("p1"), T0 + 8)
+    tracker.apply(HistoryEntry("local", "p2", None), T0 + 8)
+    assert state_of(tracker, "p2") == "canceled"
+
+
+def test_a_restart_shown_by_every_witness_gone_loses_what_was_in_flight(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tracker = Tracker()
+    tracker.apply(SourceStatus("comfyui:local", True), T0)
+    for n, done in enumerate(("d1", "d2", "d3")):
+        tracker.apply(queue([done], []), T0 + n)
+        tracker.apply(history(done), T0 + n + 0.5)
+    tracker.apply(queue(["p1"], ["p2"]), T0 + 10)
+    reconnect(tracker, T0 + 20)
+    tracker.apply(queue([], ["new"]), T0 + 30)
+    assert tracker.unresolved_prompts("local", T0 + 30) == ["d2", "d3", "p1", "p2"]
+    with caplog.at_level(logging.INFO, logger="tower_progress.core.tracker"):
+        for witness in ("d2", "p1"):
+            tracker.apply(HistoryEntry("local", witness, None), T0 + 30)
+        assert (state_of(tracker, "p1"), state_of(tracker, "p2")) == ("lost", "queued")
+        events = tracker.apply(HistoryEntry("local", "d3", None), T0 + 30)
+    assert [e.job["id"] for e in events if isinstance(e, JobChanged)] == ["comfy:p2"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "prompt p1 vanished from ComfyUI local: lost",
+        "ComfyUI local restarted: none of the prompts it held is there any more",
+        "prompt p2 vanished from ComfyUI local: lost",
+    ]
+    lost = tracker.job("comfy:p2")
+    assert lost is not None
+    assert (lost["state"], lost["last_seen_at"]) == ("lost", "2027-01-15T08:00:10.000Z")
+    assert [state_of(tracker, p) for p in ("d1", "d2", "d3", "new")] == [
+        "completed",
+        "completed",
+        "completed",
+        "queued",
+    ]
+    tracker.apply(queue([], []), T0 + 31)
+    assert tracker.unresolved_prompts("local", T0 + 31) == ["new"]
+    tracker.apply(HistoryEntry("local", "new", None), T0 + 31)
+    assert state_of(tracker, "new") == "canceled"
+
+
+def test_unanswered_witnesses_keep_polling_often_until_one_answers() -> None:
+    tracker = Tracker(TrackerConfig(instances={"local": InstanceConfig(client_id="me")}))
+    tracker.apply(SourceStatus("comfyui:local", True), T0)
+    mine = QueueItem(prompt_id="d1", number=1, graph=GRAPH, client_id="me")
+    tracker.apply(QueueSnapshot("local", running=(mine,), pending=()), T0)
+    tracker.apply(msg("execution_success", prompt_id="d1"), T0 + 1)
+    assert tracker.needs_polling("local") is False
+    reconnect(tracker, T0 + 5)
+    tracker.apply(queue([], []), T0 + 7)
+    assert tracker.unresolved_prompts("local", T0 + 7) == ["d1"]
+    assert tracker.needs_polling("local") is True
+    tracker.apply(history("d1"), T0 + 7)
+    assert tracker.needs_polling("local") is False
+
+
 def test_prompt_only_seen_on_the_websocket_is_not_resolved_too_early() -> None:
     tracker = Tracker()
     tracker.apply(msg("progress_state", prompt_id="p9", nodes={}), T0)

@@ -72,7 +72,6 @@ class Prompt:
     number: float | None = None
     queue_position: int | None = None
     in_snapshot: bool = False
-    epoch: int = 0
     created_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None

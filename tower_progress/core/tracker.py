@@ -49,6 +49,9 @@ MILESTONES = (25, 50, 75, 90)
 _SNAPSHOT_GRACE_S = 3.0
 # ComfyUI messages that only report how far a node is.
 _PROGRESS_KINDS = frozenset({"progress", "progress_state"})
+# How many prompts ComfyUI must still hold after a reconnect are asked about (one answer
+# proves it did not restart; all of them gone prove it did).
+_WITNESSES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +86,15 @@ class TrackerConfig:
 
 @dataclass
 class _Instance:
+    """``witnesses`` are asked about after a reconnect to tell a blip from a restart, which
+    decides the fate of the ``in_flight`` prompts (those known when the connection came back)."""
+
     up: bool = False
-    epoch: int = 0
     running: str | None = None
     snapshot_at: float | None = None
     snapshot_ids: frozenset[str] = frozenset()
+    witnesses: set[str] = field(default_factory=set)
+    in_flight: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -156,11 +163,13 @@ class Tracker:
 
         Active prompts of this instance missing from the latest snapshot, and prompt ids of
         rows that ComfyUI has not shown yet (a short prompt can start and end between polls).
+        After a reconnect, the witnesses come first, whatever their state: their answers tell
+        whether the prompts that vanished meanwhile were deleted or wiped by a restart.
         """
         inst = self._instances.get(instance)
         if inst is None or inst.snapshot_at is None:
             return []
-        wanted: list[str] = []
+        wanted = sorted(inst.witnesses - inst.snapshot_ids)
         for job in self._jobs.values():
             if job.final is not None or job.prompt_id is None:
                 continue
@@ -174,13 +183,17 @@ class Tracker:
                 and (prompt.in_snapshot or inst.snapshot_at - prompt.first_seen > _SNAPSHOT_GRACE_S)
             ):
                 wanted.append(prompt.prompt_id)
-        return wanted
+        return list(dict.fromkeys(wanted))
 
     def needs_polling(self, instance: str) -> bool:
         """Whether ``/queue`` must be polled often: this instance has a prompt in flight that
-        its websocket does not report in full, or a row names a prompt no instance has shown
-        yet. Prompts seen in full need no polling: their events arrive, and every change of
-        the queue comes with a ``status`` frame."""
+        its websocket does not report in full, a row names a prompt no instance has shown
+        yet, or witnesses of a reconnect are still unanswered. Prompts seen in full need no
+        polling: their events arrive, and every change of the queue comes with a ``status``
+        frame."""
+        inst = self._instances.get(instance)
+        if inst is not None and inst.witnesses:
+            return True
         for job in self._jobs.values():
             if job.final is None and job.prompt_id and job.prompt_id not in self._prompts:
                 return True
@@ -257,8 +270,7 @@ class Tracker:
     def _prompt(self, instance: str, prompt_id: str, now: float) -> Prompt:
         prompt = self._prompts.get(prompt_id)
         if prompt is None:
-            inst = self._instances.setdefault(instance, _Instance())
-            prompt = Prompt(prompt_id, instance, first_seen=now, epoch=inst.epoch)
+            prompt = Prompt(prompt_id, instance, first_seen=now)
             self._prompts[prompt_id] = prompt
         if prompt_id not in self._prompt_job:
             job_id = f"comfy:{prompt_id}"
@@ -374,12 +386,13 @@ class Tracker:
         inst = self._instances.setdefault(snap.instance, _Instance())
         inst.snapshot_at = now
         inst.snapshot_ids = frozenset(i.prompt_id for i in (*snap.running, *snap.pending))
+        if inst.witnesses & inst.snapshot_ids:
+            self._not_restarted(snap.instance, inst, min(inst.witnesses & inst.snapshot_ids))
         touched: list[str] = []
         for position, item in enumerate((*snap.running, *snap.pending)):
             prompt = self._prompt(snap.instance, item.prompt_id, now)
             self._adopt(prompt, item, now)
             prompt.in_snapshot = True
-            prompt.epoch = inst.epoch
             if position < len(snap.running):
                 prompt.mark_running(now)
             elif not prompt.state.terminal and prompt.state is not JobState.RUNNING:
@@ -411,24 +424,73 @@ class Tracker:
             prompt.set_graph(item.graph, self._prior, now)
 
     def _history(self, obs: HistoryEntry, now: float) -> list[str]:
+        inst = self._instances.get(obs.instance)
+        touched: list[str] = []
+        if inst is not None and inst.snapshot_at is not None and obs.prompt_id in inst.witnesses:
+            if obs.entry is not None:
+                self._not_restarted(obs.instance, inst, obs.prompt_id)
+            else:
+                inst.witnesses.discard(obs.prompt_id)
+                if not inst.witnesses:
+                    touched = self._restarted(obs.instance, inst, now)
         if obs.entry is not None:
             found = self._prompt(obs.instance, obs.prompt_id, now)
             found.history(obs.entry, self._prior, now)
             return [self._prompt_job[obs.prompt_id]]
         prompt = self._prompts.get(obs.prompt_id)
-        inst = self._instances.get(obs.instance)
         if prompt is None or inst is None or prompt.state.terminal:
-            return []
+            return touched
         if prompt.prompt_id in inst.snapshot_ids:
-            return []
-        restarted = prompt.epoch < inst.epoch
-        if prompt.state is JobState.RUNNING or restarted:
+            return touched
+        if prompt.state is JobState.RUNNING:
             log.warning("prompt %s vanished from ComfyUI %s: lost", obs.prompt_id, obs.instance)
             prompt.finish(JobState.LOST, now, prompt.last_seen_at)
+        elif inst.witnesses and prompt.prompt_id in inst.in_flight:
+            return touched
         else:
             log.info("prompt %s left the queue of %s unrun: canceled", obs.prompt_id, obs.instance)
             prompt.finish(JobState.CANCELED, now)
-        return [self._prompt_job[obs.prompt_id]]
+        return [*touched, self._prompt_job[obs.prompt_id]]
+
+    def _doubt(self, instance: str, inst: _Instance) -> None:
+        """Back after a drop: a network blip or a restart (which wipes queue and history)?
+
+        The witnesses are the prompts ComfyUI must still hold unless it restarted: the latest
+        ones it started (running, or in its history since), never a lost one. With none, a
+        vanished prompt is judged as before (deleted unless it was running).
+        """
+        mine = [p for p in self._prompts.values() if p.instance == instance]
+        started = sorted(
+            (p for p in mine if p.started_at is not None and p.state is not JobState.LOST),
+            key=lambda p: (p.last_seen_at or 0.0, p.prompt_id),
+            reverse=True,
+        )
+        inst.witnesses = {p.prompt_id for p in started[:_WITNESSES]}
+        inst.in_flight |= {p.prompt_id for p in mine if not p.state.terminal}
+        inst.snapshot_at = None
+
+    def _not_restarted(self, instance: str, inst: _Instance, witness: str) -> None:
+        log.info(
+            "ComfyUI %s still holds prompt %s after the reconnect: no restart", instance, witness
+        )
+        inst.witnesses.clear()
+        inst.in_flight = frozenset()
+
+    def _restarted(self, instance: str, inst: _Instance, now: float) -> list[str]:
+        """Every prompt in flight at the reconnect that the restarted ComfyUI lacks is lost."""
+        log.warning("ComfyUI %s restarted: none of the prompts it held is there any more", instance)
+        touched = []
+        for prompt_id in sorted(inst.in_flight - inst.snapshot_ids):
+            prompt = self._prompts.get(prompt_id)
+            if prompt is None or prompt.state.terminal:
+                continue
+            log.warning("prompt %s vanished from ComfyUI %s: lost", prompt_id, instance)
+            prompt.finish(JobState.LOST, now, prompt.last_seen_at)
+            if inst.running == prompt_id:
+                inst.running = None
+            touched.append(self._prompt_job[prompt_id])
+        inst.in_flight = frozenset()
+        return touched
 
     # --- sources ---------------------------------------------------------------------------
 
@@ -442,7 +504,7 @@ class Tracker:
         if status.name.startswith("comfyui:"):
             inst = self._instances.setdefault(status.name.removeprefix("comfyui:"), _Instance())
             if status.up and not inst.up:
-                inst.epoch += 1
+                self._doubt(status.name.removeprefix("comfyui:"), inst)
             inst.up = status.up
         return [j.id for j in self._jobs.values() if j.final is None]
 

@@ -1,4 +1,5 @@
-"""One ComfyUI instance: its websocket stream plus ``/queue`` and ``/history`` polling.
+"""One ComfyUI instance: its websocket stream plus ``/queue``, ``/api/jobs`` and ``/history``
+polling.
 
 The websocket (``websockets``' reconnecting ``connect`` iterator, fed our own capped exponential
 backoff with jitter, reset after each success; client pings since ComfyUI sends none; no size
@@ -6,16 +7,18 @@ limit; no permessage-deflate, which would cost both ends CPU on every progress f
 hundred bytes saved) feeds every text frame to the tracker. Because ComfyUI routes a prompt's
 events only to its submitter, ``/queue`` is polled on every ``status`` frame and every
 ``busy_poll_s`` while prompts are in flight that the websocket does not report in full, then
-``/history/{id}`` for prompts that left it (queue first, then history: the other order can miss
-a prompt). Garbage from ComfyUI is logged with
-context and skipped; a body that cannot be trusted is never turned into an observation, so a
-malformed answer can delay a job's update but never end it wrongly.
+the outcome of prompts that left it (queue first, then history: the other order can miss a
+prompt): one ``/api/jobs`` page where ComfyUI has it tells which have a history entry, read
+from ``/history/{id}``. Garbage from ComfyUI is logged with context and skipped; a body that
+cannot be trusted is never turned into an observation, so a malformed answer can delay a
+job's update but never end it wrongly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import random
@@ -29,14 +32,19 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidURI
 
 from tower_progress.core.model import (
+    HistoryEntry,
     Observation,
     SourceStatus,
 )
 from tower_progress.sources.comfyui_wire import (
+    JOBS_API_SINCE,
     ComfyError,
+    FinishedJobs,
+    parse_finished_jobs,
     parse_frame,
     parse_history,
     parse_queue,
+    parse_version,
 )
 
 log = logging.getLogger(__name__)
@@ -48,6 +56,8 @@ Resolver = Callable[[str, float], list[str]]
 
 # A connection that closes sooner than this counts as a failed attempt for the backoff.
 _STABLE_S = 5.0
+# The newest finished jobs asked for at once: far more than finish between two polls.
+_FINISHED_JOBS = "/api/jobs?status=completed,failed&sort_by=created_at&sort_order=desc&limit=200"
 
 
 class ComfySource:
@@ -55,9 +65,10 @@ class ComfySource:
 
     ``unresolved`` and ``needs_polling`` are the tracker's answers (prompts whose outcome must
     be read from history; whether this instance has prompts in flight that its websocket does
-    not report in full). Timeouts and backoff
-    bounds are in seconds: ``open_timeout_s`` for a websocket handshake, ``http_timeout_s`` for
-    a whole HTTP request; reconnects wait a jittered ``initial_backoff_s`` doubling up to
+    not report in full). Timeouts and backoff bounds are in seconds: ``open_timeout_s`` for a
+    websocket handshake, ``close_timeout_s`` for its closing one (a dead connection found by
+    its pings waits this long, as ComfyUI will not answer), ``http_timeout_s`` for a whole
+    HTTP request; reconnects wait a jittered ``initial_backoff_s`` doubling up to
     ``max_backoff_s``, reset by a connection that stays up.
     """
 
@@ -74,6 +85,7 @@ class ComfySource:
         idle_poll_s: float = 15.0,
         http_timeout_s: float = 10.0,
         open_timeout_s: float = 10.0,
+        close_timeout_s: float = 2.0,
         initial_backoff_s: float = 1.0,
         max_backoff_s: float = 30.0,
         ping_interval_s: float = 20.0,
@@ -89,6 +101,7 @@ class ComfySource:
         self._idle_poll_s = idle_poll_s
         self._http_timeout_s = http_timeout_s
         self._open_timeout_s = open_timeout_s
+        self._close_timeout_s = close_timeout_s
         self._initial_backoff_s = initial_backoff_s
         self._max_backoff_s = max_backoff_s
         self._ping_interval_s = ping_interval_s
@@ -96,6 +109,9 @@ class ComfySource:
         self._connected = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._connect_failing = False
+        self._failure = ""
+        self._stats_due = False
+        self._jobs_api = True
         self._poll_problems: set[str] = set()
 
     @property
@@ -127,24 +143,28 @@ class ComfySource:
         return random.uniform(cap / 2, cap)
 
     def _delays(self) -> Generator[float]:
-        attempt = 0
-        while True:
-            attempt += 1
-            yield self._backoff(attempt)
+        """The waits between the reconnect attempts of one outage (the library restarts this
+        after each connection), each logged with the failure before it: an outage's first at
+        WARNING, the rest at DEBUG."""
+        for attempt in itertools.count(1):
+            delay = self._backoff(attempt)
+            level = logging.DEBUG if self._connect_failing else logging.WARNING
+            self._connect_failing = True
+            log.log(
+                level,
+                "comfyui %s: cannot connect to %s (%s); retrying in %.3g s",
+                self.name,
+                self._url,
+                self._failure,
+                delay,
+            )
+            yield delay
 
     def _retry(self, exc: Exception) -> Exception | None:
-        """Reconnect after any failure but a URL that can never work; log an outage once."""
+        """Reconnect after any failure but a URL that can never work."""
         if isinstance(exc, InvalidURI):
             return exc
-        level = logging.DEBUG if self._connect_failing else logging.WARNING
-        self._connect_failing = True
-        log.log(
-            level,
-            "comfyui %s: cannot connect to %s (%s); retrying",
-            self.name,
-            self._url,
-            f"{type(exc).__name__}: {exc}".rstrip(": "),
-        )
+        self._failure = f"{type(exc).__name__}: {exc}".rstrip(": ")
         return None
 
     async def _watch(self) -> None:
@@ -156,6 +176,7 @@ class ComfySource:
                 max_size=None,
                 compression=None,
                 open_timeout=self._open_timeout_s,
+                close_timeout=self._close_timeout_s,
                 ping_interval=self._ping_interval_s,
                 ping_timeout=self._ping_interval_s,
                 process_exception=self._retry,
@@ -164,18 +185,22 @@ class ComfySource:
                 self._connect_failing = False
                 opened = time.monotonic()
                 log.info("comfyui %s: connected to %s", self.name, self._url)
+                self._stats_due, self._jobs_api = True, True
                 self._emit(SourceStatus(self.source_name, True))
                 self._connected.set()
                 self._wake.set()
                 detail = await self._read(ws)
                 self._connected.clear()
-                log.warning("comfyui %s: websocket closed (%s); reconnecting", self.name, detail)
+                quick_closes = quick_closes + 1 if time.monotonic() - opened < _STABLE_S else 0
+                wait = self._backoff(quick_closes) if quick_closes else 0.0
+                log.warning(
+                    "comfyui %s: websocket closed (%s); reconnecting in %.3g s",
+                    self.name,
+                    detail,
+                    wait,
+                )
                 self._emit(SourceStatus(self.source_name, False, detail))
-                if time.monotonic() - opened < _STABLE_S:
-                    quick_closes += 1
-                    await asyncio.sleep(self._backoff(quick_closes))
-                else:
-                    quick_closes = 0
+                await asyncio.sleep(wait)
         except InvalidURI as exc:
             log.error("comfyui %s: %s is not a usable URL: %s", self.name, self._url, exc)
             self._emit(SourceStatus(self.source_name, False, f"invalid URL {self._url}"))
@@ -196,36 +221,86 @@ class ComfySource:
     # --- HTTP polling ----------------------------------------------------------------------
 
     async def _poll(self) -> None:
+        """Poll on each wake-up or interval while connected. ``asyncio.timeout``, not
+        ``wait_for``: on Python 3.11 the latter swallows a cancel that lands as the wake-up
+        does, and the task would then wait forever for a connection."""
         while True:
             await self._connected.wait()
             interval = self._busy_poll_s if self._needs_polling(self.name) else self._idle_poll_s
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
             self._wake.clear()
             if self._connected.is_set():
                 await self.resync()
 
     async def resync(self) -> None:
-        """Read ``/queue``, then ``/history`` of every prompt the tracker cannot place.
+        """Read ``/queue``, then the outcome of every prompt the tracker cannot place.
 
-        A failed ``/queue`` skips the history reads (their answers are only meaningful after
-        a snapshot); a failed history read skips only that prompt. Either is retried on the
-        next poll, so nothing is lost.
+        A connection's first poll reads ``/system_stats``: ComfyUI's version says whether it
+        has ``/api/jobs`` (a 404 says so too, once per connection). Where it has, one page of
+        its finished jobs lists the prompts with a history entry: one that is not listed on a
+        complete page has none (deleted, or wiped by a restart) without a request of its own;
+        the others are read from ``/history/{id}`` for their outputs and messages.
+
+        A failed ``/queue`` skips the rest (outcomes are only meaningful after a snapshot); a
+        failed jobs page falls back to ``/history``; a failed history read skips only that
+        prompt. Each is retried on the next poll, so nothing is lost.
         """
         problems: list[str] = []
+        if self._stats_due:
+            self._stats_due = False
+            await self._learn_version(problems)
         try:
             snapshot = parse_queue(self.name, await self._get("/queue"))
         except ComfyError as exc:
             problems.append(str(exc))
         else:
             self._emit(snapshot)
-            for prompt_id in self._unresolved(self.name, time.time()):
+            wanted = self._unresolved(self.name, time.time())
+            finished = await self._finished(problems) if wanted else None
+            for prompt_id in wanted:
+                if finished is not None and finished.complete and prompt_id not in finished.ids:
+                    self._emit(HistoryEntry(self.name, prompt_id, None))
+                    continue
                 try:
                     body = await self._get(f"/history/{prompt_id}")
                     self._emit(parse_history(self.name, prompt_id, body))
                 except ComfyError as exc:
                     problems.append(f"prompt {prompt_id}: {exc}")
         self._report(problems)
+
+    async def _learn_version(self, problems: list[str]) -> None:
+        try:
+            version = parse_version(await self._get("/system_stats"))
+        except ComfyError as exc:
+            problems.append(str(exc))
+            return
+        if version is not None and version < JOBS_API_SINCE:
+            self._jobs_api = False
+        log.info(
+            "comfyui %s: ComfyUI %s; outcomes from %s",
+            self.name,
+            ".".join(map(str, version)) if version else "of unknown version",
+            "/api/jobs and /history" if self._jobs_api else "/history",
+        )
+
+    async def _finished(self, problems: list[str]) -> FinishedJobs | None:
+        """The newest finished jobs, or None where ``/api/jobs`` is missing or failed."""
+        if not self._jobs_api:
+            return None
+        try:
+            return parse_finished_jobs(await self._get(_FINISHED_JOBS))
+        except ComfyError as exc:
+            if exc.status == 404:
+                self._jobs_api = False
+                log.info(
+                    "comfyui %s: no /api/jobs (before ComfyUI 0.6.0): outcomes from /history",
+                    self.name,
+                )
+            else:
+                problems.append(f"{exc}; outcomes from /history")
+            return None
 
     def _report(self, problems: list[str]) -> None:
         """Each poll failure once at WARNING, its repeats at DEBUG, the recovery at INFO."""
@@ -246,7 +321,9 @@ class ComfySource:
         try:
             async with self._session.request(method, self._url + path, json=body) as response:
                 if response.status >= 400:
-                    raise ComfyError(f"{method} {path} answered HTTP {response.status}")
+                    raise ComfyError(
+                        f"{method} {path} answered HTTP {response.status}", response.status
+                    )
                 raw = await response.read()
         except TimeoutError:
             raise ComfyError(

@@ -1,4 +1,5 @@
-"""ComfyUI's wire data, parsed and checked: websocket frames, ``/queue`` and ``/history``.
+"""ComfyUI's wire data, parsed and checked: websocket frames, ``/queue``, ``/history``,
+``/api/jobs`` and ``/system_stats``.
 
 Pure functions over decoded bodies: every field is checked against what ComfyUI v0.8.0 sends
 (protocol §3, §4, §6), and anything else raises ``ComfyError`` or is logged and dropped, so a
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from tower_progress.core.model import ComfyMessage, HistoryEntry, QueueItem, QueueSnapshot
@@ -23,7 +26,59 @@ _IMAGE_TYPES = (1, 2)
 
 
 class ComfyError(Exception):
-    """ComfyUI answered something we cannot use; the message says what and where."""
+    """ComfyUI answered something we cannot use; the message says what and where, ``status``
+    the HTTP status when that was the problem."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+JOBS_API_SINCE = (0, 6, 0)
+_FINISHED = ("completed", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedJobs:
+    """One page of ``GET /api/jobs?status=completed,failed``: the prompts ComfyUI holds a
+    history entry for; ``complete`` when no page follows, so a prompt not listed has none."""
+
+    ids: frozenset[str]
+    complete: bool
+
+
+def parse_version(body: Any) -> tuple[int, ...] | None:
+    """``system.comfyui_version`` of a ``GET /system_stats`` body as numbers (``0.8.0`` is
+    ``(0, 8, 0)``); None when it is missing or not a release number (a fork, a dev build)."""
+    system = body.get("system") if isinstance(body, dict) else None
+    if not isinstance(system, dict):
+        raise ComfyError(f"/system_stats body has no system object: {body!r:.120}")
+    version = system.get("comfyui_version")
+    match = re.fullmatch(r"v?(\d+)\.(\d+)\.(\d+)", version) if isinstance(version, str) else None
+    return tuple(int(part) for part in match.groups()) if match else None
+
+
+def parse_finished_jobs(body: Any) -> FinishedJobs:
+    """A ``GET /api/jobs?status=completed,failed`` page; anything else listed (a server that
+    ignored the filter) or malformed fails it whole, as a wrong "not listed" would end a job."""
+    where = "/api/jobs"
+    if not isinstance(body, dict):
+        raise ComfyError(f"{where} body is {type(body).__name__}, expected an object")
+    jobs, pagination = body.get("jobs"), body.get("pagination")
+    if not isinstance(jobs, list):
+        raise ComfyError(f"{where} jobs is {type(jobs).__name__}, expected a list")
+    if not isinstance(pagination, dict) or not isinstance(pagination.get("has_more"), bool):
+        raise ComfyError(f"{where} pagination has no has_more flag: {pagination!r:.120}")
+    ids = []
+    for job in jobs:
+        if (
+            not isinstance(job, dict)
+            or not _is_id(job.get("id"))
+            or job.get("status") not in _FINISHED
+        ):
+            raise ComfyError(f"{where} lists a job that is not a finished one: {job!r:.200}")
+        ids.append(job["id"])
+    return FinishedJobs(frozenset(ids), complete=not pagination["has_more"])
 
 
 def parse_queue(instance: str, body: Any) -> QueueSnapshot:
