@@ -181,7 +181,8 @@ async def _ticker(emit: Callable[[Observation], None], stop: asyncio.Event) -> N
     """A ``Tick`` every second, so stalls are noticed without new input."""
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), TICK_S)
+            async with asyncio.timeout(TICK_S):
+                await stop.wait()
         emit(Tick())
 
 

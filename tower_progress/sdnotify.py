@@ -110,4 +110,5 @@ async def watchdog_loop(notifier: Notifier, stop: asyncio.Event) -> None:
     while not stop.is_set():
         notifier.watchdog()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
+            async with asyncio.timeout(interval):
+                await stop.wait()

@@ -649,5 +649,6 @@ async def _wait_until(stop: asyncio.Event, loop: asyncio.AbstractEventLoop, when
     delay = when - loop.time()
     if delay > 0 and not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
+            async with asyncio.timeout(delay):
+                await stop.wait()
     return stop.is_set()
