@@ -167,9 +167,10 @@ class FakeComfyUI:
         self._executor = PromptExecutor(
             timing=Timing(speed, step_seconds, load_seconds, frame_seconds),
             rng=self._rng,
-            outbox=self._hub,
+            server=self._hub,
             state=self._state,
             progress_state=self._features.progress_state,
+            cached_ui_needs_client_id=self._features.cached_ui_needs_client_id,
             previews_for=self._previews_for,
         )
         self._tasks: list[asyncio.Task[None]] = []
@@ -257,7 +258,7 @@ class FakeComfyUI:
         return {"exec_info": {"queue_remaining": self._queue.remaining}}
 
     def _queue_updated(self) -> None:
-        self._hub.send("status", {"status": self._queue_info()}, None)
+        self._hub.send_sync("status", {"status": self._queue_info()}, None)
 
     def _transition(self, prompt_id: str, event: TransitionEvent) -> None:
         self.history_log.append(PromptTransition(prompt_id, event, time.time()))
@@ -286,15 +287,15 @@ class FakeComfyUI:
             item, task_id = taken
             self._queue_updated()
             self._transition(item.prompt_id, "started")
-            outcome = await self._executor.execute(
-                item.prompt_id, item.prompt, item.extra_data, item.outputs
+            outcome = await self._executor.execute_async(
+                item.prompt, item.prompt_id, item.extra_data, item.outputs
             )
             self._queue.task_done(task_id, outcome.history)
             self._transition(item.prompt_id, outcome.result)
             self._queue_updated()
-            if self._state.client_id is not None:
+            if self._hub.client_id is not None:
                 done = {"node": None, "prompt_id": item.prompt_id}
-                self._hub.send("executing", done, self._state.client_id)
+                self._hub.send_sync("executing", done, self._hub.client_id)
 
     def _apply_free_requests(self) -> None:
         if self._free_requests.pop("unload_models", False):
@@ -312,8 +313,8 @@ class FakeComfyUI:
         self._hub.register(sid, ws)
         try:
             await self._hub.send_now(sid, "status", {"status": self._queue_info(), "sid": sid})
-            if self._state.client_id == sid and self._state.last_node_id is not None:
-                await self._hub.send_now(sid, "executing", {"node": self._state.last_node_id})
+            if self._hub.client_id == sid and self._hub.last_node_id is not None:
+                await self._hub.send_now(sid, "executing", {"node": self._hub.last_node_id})
             first = True
             async for message in ws:
                 if message.type == WSMsgType.TEXT:
