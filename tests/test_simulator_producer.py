@@ -17,6 +17,7 @@ import pytest
 from fixtures_util import Client, serve
 from websockets.exceptions import ConnectionClosed
 
+from tower_progress import cli
 from tower_progress.simulate import workflows
 from tower_progress.simulate.producer import Producer
 from tower_progress.simulate.runner import run_simulator
@@ -212,3 +213,14 @@ async def test_run_simulator_serves_and_produces_until_stopped(pg_dsn: str, tabl
         await conn.close()
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+def test_simulate_refuses_a_bridge_client_id_that_is_no_secret(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["simulate", "--bridge-client-id", "short"])
+    assert exited.value.code == 2
+    assert "argument --bridge-client-id: client_id must be a secret of at least 16 characters" in (
+        capsys.readouterr().err
+    )

@@ -47,9 +47,32 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--jobs-interval", type=float, default=6.0, help="seconds between produced jobs"
     )
+    simulate.add_argument(
+        "--bridge-client-id",
+        type=_bridge_client_id,
+        help="act as a ComfyUI with the tower-progress bridge installed for this watcher id "
+        "(the daemon's comfyui.client_id, a secret of at least 16 characters)",
+    )
+    simulate.add_argument(
+        "--bridge-previews",
+        action="store_true",
+        help="the bridge also mirrors previews (its mirror_previews setting)",
+    )
     commands.add_parser("migrate", parents=[common], help="apply database migrations and exit")
     commands.add_parser("check", parents=[common], help="check config, database, ComfyUI and NVML")
     return parser
+
+
+def _bridge_client_id(value: str) -> str:
+    """The watcher id, refused here as the bridge would refuse it."""
+    from comfyui_bridge.config import BridgeConfig
+    from comfyui_bridge.config import ConfigError as BridgeConfigError
+
+    try:
+        BridgeConfig(value)
+    except BridgeConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def _logging(level: str) -> None:
@@ -106,6 +129,8 @@ def _simulate(args: argparse.Namespace) -> int:
             speed=args.speed,
             dsn=args.database_url,
             jobs_interval=args.jobs_interval,
+            bridge_client_id=args.bridge_client_id,
+            bridge_previews=args.bridge_previews,
             stop=stop,
         )
 

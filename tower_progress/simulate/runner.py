@@ -25,17 +25,23 @@ async def run_simulator(
     jobs_interval: float,
     jobs_table: str = "public.production_jobs",
     watcher_client_id: str | None = None,
+    bridge_client_id: str | None = None,
+    bridge_previews: bool = False,
 ) -> None:
     """Serve ``FakeComfyUI`` (and run a ``Producer`` when ``dsn`` is given) until ``stop``.
 
     With ``watcher_client_id`` (the daemon's client id), half the produced jobs are submitted
     with it, so a demo shows every visibility level: full, partial and coarse.
+    ``bridge_client_id`` runs the fake ComfyUI with the bridge installed for that watcher id
+    (``bridge_previews``: it mirrors previews too), so every prompt is full for that client.
 
     The producer writes to ``jobs_table``, which must exist with the reference columns
     (``sql/reference/production_jobs.sql``). If the producer stops with an error, everything
     is shut down and the error is raised. ``stop`` may be passed by position or keyword.
     """
-    sim = FakeComfyUI(speed=speed)
+    sim = FakeComfyUI(
+        speed=speed, bridge_client_id=bridge_client_id, bridge_previews=bridge_previews
+    )
     runner = web.AppRunner(sim.app, access_log=None)
     await runner.setup()
     producer: Producer | None = None
@@ -44,7 +50,8 @@ async def run_simulator(
         await web.TCPSite(runner, host, port).start()
         bound = runner.addresses[0]
         url = f"http://{host if ':' not in host else f'[{host}]'}:{bound[1]}"
-        _LOG.info("fake ComfyUI listening on %s (speed %g)", url, speed)
+        bridged = " with the bridge installed" if bridge_client_id is not None else ""
+        _LOG.info("fake ComfyUI listening on %s (speed %g)%s", url, speed, bridged)
         waiting: set[asyncio.Task[Any]] = {asyncio.create_task(stop.wait(), name="simulator-stop")}
         if dsn is not None:
             producer = Producer(

@@ -9,6 +9,11 @@ node), queue delete/clear, ``/free`` and ``/system_stats``; every route also und
 One worker task runs prompts one at a time (``executor.PromptExecutor``); every message goes
 through one ordered queue (``sockets.SocketHub``).
 
+Bridge mode is this server with the tower-progress bridge installed: the real
+``comfyui_bridge.bridge.Bridge``, wrapping the hub and the executor as it wraps ComfyUI's
+``PromptServer`` and ``PromptExecutor``, so the watcher id receives every event of every
+prompt and every other client and HTTP answer stays as without it (bridge notes §1).
+
 ``history_log`` records what really happened to each prompt, for tests that compare a
 watcher's view with the truth: ``queued``, ``started``, then ``completed``, ``failed`` or
 ``interrupted`` (stored in history), or ``deleted`` (removed from the queue, never in history).
@@ -67,6 +72,13 @@ class PromptTransition:
     prompt_id: str
     event: TransitionEvent
     time: float
+
+
+def _own_executor_class() -> type[PromptExecutor]:
+    class BridgedPromptExecutor(PromptExecutor):
+        """One server's own class: its bridge wraps these methods, no other server's."""
+
+    return BridgedPromptExecutor
 
 
 def _now_ms() -> int:
@@ -129,6 +141,9 @@ class FakeComfyUI:
     ``seed`` makes ids, jitter and preview names reproducible. ``version`` switches the
     behaviours that changed between releases (``versions.Features``). ``preview_method`` is the
     server's ``--preview-method``: ``none`` sends no previews unless a prompt asks for them.
+    ``bridge_client_id`` installs the bridge with that watcher id (exact match), and
+    ``bridge_previews`` makes it mirror binary frames too; the bridge's own ``ConfigError``
+    (a ValueError) rejects an id that is no secret.
     """
 
     def __init__(
@@ -141,6 +156,8 @@ class FakeComfyUI:
         frame_seconds: float = 0.01,
         version: str = "0.8.0",
         preview_method: str = "auto",
+        bridge_client_id: str | None = None,
+        bridge_previews: bool = False,
     ) -> None:
         if not speed > 0:
             raise ValueError(f"speed must be positive, got {speed!r}")
@@ -164,7 +181,8 @@ class FakeComfyUI:
         self._number = 0
         self._work = asyncio.Event()
         self._free_requests: dict[str, bool] = {}
-        self._executor = PromptExecutor(
+        executor_class = PromptExecutor if bridge_client_id is None else _own_executor_class()
+        self._executor = executor_class(
             timing=Timing(speed, step_seconds, load_seconds, frame_seconds),
             rng=self._rng,
             server=self._hub,
@@ -173,6 +191,8 @@ class FakeComfyUI:
             cached_ui_needs_client_id=self._features.cached_ui_needs_client_id,
             previews_for=self._previews_for,
         )
+        if bridge_client_id is not None:
+            self._install_bridge(executor_class, bridge_client_id, bridge_previews)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self.history_log: list[PromptTransition] = []
@@ -181,6 +201,22 @@ class FakeComfyUI:
     @property
     def app(self) -> web.Application:
         return self._app
+
+    def _install_bridge(
+        self, executor_class: type[PromptExecutor], client_id: str, previews: bool
+    ) -> None:
+        # Imported here: importing the package runs its ComfyUI start-up hook (one log line).
+        from comfyui_bridge.bridge import Bridge
+        from comfyui_bridge.config import BridgeConfig
+
+        config = BridgeConfig(client_id, mirror_previews=previews)
+        bridge = Bridge(self._hub, executor_class, config, self._features.version)
+        bridge.install()
+        _LOG.info(
+            "bridge installed (previews mirrored: %s, prompts without client id: %s)",
+            "yes" if previews else "no",
+            "covered" if bridge.covers_prompts_without_client_id else "not covered",
+        )
 
     async def flush(self) -> None:
         """Wait until every message queued so far has been written to its websockets.
