@@ -38,12 +38,17 @@ def _parser() -> argparse.ArgumentParser:
         "--sim-speed", type=float, default=1.0, help="simulator time factor (0.5 = twice as fast)"
     )
     simulate = commands.add_parser(
-        "simulate", parents=[common], help="run only the fake ComfyUI (+ producer)"
+        "simulate", parents=[common], help="run the fake ComfyUI and a job producer"
     )
     simulate.add_argument("--host", default="127.0.0.1")
     simulate.add_argument("--port", type=int, default=8188)
     simulate.add_argument("--speed", type=float, default=1.0)
-    simulate.add_argument("--database-url", help="also produce jobs into this database")
+    simulate.add_argument(
+        "--database-url", help="also write each job as a production_jobs row in this database"
+    )
+    simulate.add_argument(
+        "--no-jobs", action="store_true", help="serve only the fake ComfyUI, produce no jobs"
+    )
     simulate.add_argument(
         "--jobs-interval", type=float, default=6.0, help="seconds between produced jobs"
     )
@@ -131,6 +136,7 @@ def _simulate(args: argparse.Namespace) -> int:
             jobs_interval=args.jobs_interval,
             bridge_client_id=args.bridge_client_id,
             bridge_previews=args.bridge_previews,
+            produce=not args.no_jobs,
             stop=stop,
         )
 
