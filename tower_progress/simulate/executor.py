@@ -346,7 +346,8 @@ class PromptExecutor:
         )
 
     def _finish_progress(self, run: _Run, node_id: str) -> None:
-        entry = run.progress.setdefault(node_id, {"value": 0.0, "max": 1.0, "state": "running"})
+        """A node that never started (a cached one) gets ComfyUI's integer default entry."""
+        entry = run.progress.setdefault(node_id, {"value": 0, "max": 1, "state": "pending"})
         entry.update(value=entry["max"], state="finished")
         self._send_progress_state(run)
 
