@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Any, TypeVar
 
 import aiohttp
@@ -35,9 +35,12 @@ FAST: dict[str, float] = {
 
 
 class Watch:
-    def __init__(self, instances: Mapping[str, str | None]) -> None:
-        """``instances`` maps each ComfyUI instance name to the watcher's client id there."""
-        config = TrackerConfig(instances={n: InstanceConfig(c) for n, c in instances.items()})
+    def __init__(self, instances: Mapping[str, str | None], bridged: Collection[str] = ()) -> None:
+        """``instances`` maps each ComfyUI instance name to the watcher's client id there;
+        ``bridged`` names those configured with ``bridge = true``."""
+        config = TrackerConfig(
+            instances={n: InstanceConfig(c, n in bridged) for n, c in instances.items()}
+        )
         self.tracker = Tracker(config)
         self.observations: list[Observation] = []
         self.views: dict[str, list[JsonDict]] = defaultdict(list)

@@ -1,21 +1,24 @@
 """The real ComfySource and Tracker against the simulator's FakeComfyUI on 127.0.0.1.
 
-Each visibility level (DESIGN §5), a ComfyUI restart mid-sampling, a network blip, interrupts,
-queue deletes and clears, and two instances at once. The simulator runs fast (20 ms sampler
-steps) and every wait is on what the source emitted.
+Each visibility level (DESIGN §5), the bridge installed, a ComfyUI restart mid-sampling, a
+network blip, interrupts, queue deletes and clears, and two instances at once. The simulator
+runs fast (20 ms sampler steps) and every wait is on what the source emitted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from aiohttp import web
 from comfyui_watch import WATCHER_ID, Watch, get, post, running, submit
+from fixtures_util import Client, Frame
 
 from tower_progress.core.model import SourceStatus
 from tower_progress.simulate import workflows
@@ -51,13 +54,21 @@ Start = Callable[..., Awaitable[Served]]
 
 @pytest.fixture
 async def comfyui() -> AsyncIterator[Start]:
-    """Starts fast FakeComfyUIs (``await comfyui(seed, port=0, version="0.8.0")``); all
-    stopped at teardown."""
+    """Starts fast FakeComfyUIs (``await comfyui(seed, port=0, version="0.8.0",
+    bridge=False)``; with ``bridge`` the bridge is installed for WATCHER_ID); all stopped at
+    teardown."""
     started: list[Served] = []
 
-    async def start(seed: int, port: int = 0, version: str = "0.8.0") -> Served:
+    async def start(
+        seed: int, port: int = 0, version: str = "0.8.0", bridge: bool = False
+    ) -> Served:
         sim = FakeComfyUI(
-            seed=seed, step_seconds=0.02, load_seconds=0.05, frame_seconds=0.005, version=version
+            seed=seed,
+            step_seconds=0.02,
+            load_seconds=0.05,
+            frame_seconds=0.005,
+            version=version,
+            bridge_client_id=WATCHER_ID if bridge else None,
         )
         runner = web.AppRunner(sim.app)
         await runner.setup()
@@ -145,6 +156,97 @@ async def sampling_and_waiting(
     await watch.step(sampling, 3)
     await watch.state(waiting, "queued")
     return sampling, waiting
+
+
+@dataclass
+class BridgeRun:
+    watch: Watch
+    prompt_ids: list[str]
+    plain: list[Any]
+    http: list[Any]
+
+
+def normalised(value: Any, prompt_ids: list[str]) -> Any:
+    """``value`` with prompt ids numbered by ``prompt_ids`` and times left out."""
+    text = json.dumps(value)
+    for number, prompt_id in enumerate(prompt_ids):
+        text = text.replace(prompt_id, f"prompt-{number}")
+    times = {"timestamp", "create_time", "execution_start_time", "execution_end_time"}
+
+    def strip(item: Any) -> Any:
+        if isinstance(item, dict):
+            return {k: strip(v) for k, v in item.items() if k not in times}
+        if isinstance(item, list):
+            return [strip(v) for v in item]
+        return item
+
+    return strip(json.loads(text))
+
+
+def frame_view(frame: Frame) -> Any:
+    return frame.message if frame.message is not None else ("binary", frame.event, frame.size)
+
+
+async def run_with_and_without_bridge(comfyui: Start, *, bridge: bool) -> BridgeRun:
+    """A foreign client's prompt, one without a client id, then its fully cached re-run, each
+    waited for in turn, watched by the daemon's source and by a plain browser-like socket."""
+    watch = Watch({"local": WATCHER_ID}, bridged={"local"} if bridge else ())
+    server = await comfyui(seed=12, bridge=bridge)
+    url = server.url
+    plain = await Client.connect(url, "a-plain-browser-tab")
+    anonymous = workflows.still(steps=8, seed=2, prefix="anon")
+    prompt_ids: list[str] = []
+    async with running(watch.source("local", url)):
+        await watch.connected("local")
+        for graph, client_id in (
+            (workflows.still(steps=8, prefix="foreign"), OTHER_CLIENT),
+            (anonymous, None),
+            (anonymous, None),
+        ):
+            prompt_id = await submit(url, graph, client_id)
+            await watch.state(prompt_id, "completed")
+            prompt_ids.append(prompt_id)
+        http = [await get(url, f"/history/{p}") for p in prompt_ids]
+        http += [await get(url, f"/api/jobs/{p}") for p in prompt_ids]
+        await server.sim.flush()
+        frames = await plain.drain()
+    await plain.close()
+    return BridgeRun(
+        watch,
+        prompt_ids,
+        normalised([frame_view(f) for f in frames], prompt_ids),
+        normalised(http, prompt_ids),
+    )
+
+
+async def test_with_the_bridge_every_prompt_is_full_and_other_clients_see_no_difference(
+    comfyui: Start,
+) -> None:
+    stock = await run_with_and_without_bridge(comfyui, bridge=False)
+    bridged = await run_with_and_without_bridge(comfyui, bridge=True)
+
+    for run, visibilities in ((stock, ["coarse", "partial"]), (bridged, ["full", "full"])):
+        for prompt_id, visibility in zip(run.prompt_ids, visibilities, strict=False):
+            assert {v["visibility"] for v in run.watch.history(prompt_id)} == {visibility}
+    for prompt_id in bridged.prompt_ids[:2]:
+        views = bridged.watch.history(prompt_id)
+        sampling = [v for v in views if v["step"] is not None]
+        assert [v["step"] for v in sampling] == sorted({v["step"] for v in sampling})
+        assert sampling[-1]["step"] == 8
+        assert {(v["steps"], v["stage"]) for v in sampling} == {(8, "sampling")}
+        done = views[-1]
+        assert (done["state"], done["percent"]) == ("completed", 100.0)
+        assert [s["stage"] for s in done["stages"]][-3:] == ["sampling", "decoding", "encoding"]
+    rerun = bridged.watch.job(bridged.prompt_ids[2])
+    assert rerun is not None
+    assert (rerun["state"], rerun["visibility"]) == ("completed", "full")
+    assert {v["step"] for v in stock.watch.history(stock.prompt_ids[0])} == {None}
+
+    assert bridged.plain == stock.plain
+    assert bridged.http == stock.http
+    kinds = {f["type"] if isinstance(f, dict) else tuple(f[:2]) for f in bridged.plain}
+    assert kinds == {"status", "progress", "progress_state", ("binary", 1)}
+    assert bridged.http[2]["prompt-2"]["outputs"] == {}
 
 
 async def test_a_restarted_comfyui_leaves_its_prompts_lost_never_completed(

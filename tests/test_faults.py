@@ -224,6 +224,7 @@ class Comfy:
                 str(SPEED),
                 "--journal",
                 str(journal),
+                "--no-jobs",
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -389,6 +389,34 @@ async def test_an_old_version_behaves_like_old_comfyui() -> None:
             assert response.status == 404
 
 
+@pytest.mark.parametrize(
+    ("version", "client_id", "kept"),
+    [("0.8.0", None, False), ("0.8.0", "owner", True), ("0.3.64", None, True)],
+    ids=["0.8.0-no-client-id", "0.8.0-client-id", "0.3.64-no-client-id"],
+)
+async def test_a_cached_output_reaches_history_as_in_that_comfyui_version(
+    version: str, client_id: str | None, kept: bool
+) -> None:
+    async with running(speed=0.01, version=version) as (_sim, base, http):
+        owner = await Client.connect(base, "owner")
+        graph = workflows.still(steps=2)
+        first = await submit(http, graph, "owner")
+        await owner.read_until(finished(first))
+        rerun = await submit(http, graph, client_id)
+        await owner.read_until(is_("status", status={"exec_info": {"queue_remaining": 0}}))
+        await owner.close()
+        entries = await get(http, "/history")
+        cached = entries[rerun]["status"]["messages"][1]
+        assert (cached[0], sorted(cached[1]["nodes"])) == ("execution_cached", sorted(graph))
+        outputs, meta = entries[first]["outputs"], entries[first]["meta"]
+        assert (entries[rerun]["outputs"], entries[rerun]["meta"]) == (
+            (outputs, meta) if kept else ({}, {})
+        )
+        if version == "0.8.0":
+            job = await get(http, f"/api/jobs/{rerun}")
+            assert job["outputs_count"] == (1 if kept else 0)
+
+
 async def test_a_foreign_origin_is_refused_and_every_route_has_an_api_alias() -> None:
     async with running(speed=0.01) as (_sim, base, http):
         async with http.get("/queue", headers={"Origin": "http://evil.example"}) as response:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import shutil
 import socket
 import tempfile
@@ -17,6 +19,7 @@ import pytest
 from fixtures_util import Client, serve
 from websockets.exceptions import ConnectionClosed
 
+from tower_progress import cli
 from tower_progress.simulate import workflows
 from tower_progress.simulate.producer import Producer
 from tower_progress.simulate.runner import run_simulator
@@ -212,3 +215,105 @@ async def test_run_simulator_serves_and_produces_until_stopped(pg_dsn: str, tabl
         await conn.close()
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+class Lines(logging.Handler):
+    """The simulator's log lines as they come, with an event set on each."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self.added = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+        self.added.set()
+
+    async def first(self, pattern: str) -> re.Match[str]:
+        while True:
+            self.added.clear()
+            found = [m for line in self.lines if (m := re.fullmatch(pattern, line))]
+            if found:
+                return found[0]
+            await self.added.wait()
+
+
+@pytest.fixture
+def simulator_lines(caplog: pytest.LogCaptureFixture) -> Iterator[Lines]:
+    caplog.set_level(logging.INFO, logger="tower_progress.simulate")
+    lines = Lines()
+    logger = logging.getLogger("tower_progress.simulate")
+    logger.addHandler(lines)
+    yield lines
+    logger.removeHandler(lines)
+
+
+async def test_without_a_database_the_producer_runs_the_same_mix_and_logs_each_fate(
+    simulator_lines: Lines,
+) -> None:
+    sim = FakeComfyUI(speed=0.02, seed=5)
+    async with serve(sim) as base:
+        producer = Producer(dsn=None, comfyui_url=base, seed=9, poll_interval=0.2)
+        try:
+            async with asyncio.timeout(40):
+                await producer.run(interval=0.02, count=8)
+        finally:
+            await producer.close()
+    submitted = [
+        m.groups()
+        for line in simulator_lines.lines
+        if (m := re.fullmatch(r"job (\d+) \((.+)\) submitted as prompt (\S+), client id .+", line))
+    ]
+    assert [int(job) for job, _, _ in submitted] == list(range(1, 9))
+    assert sum(title.startswith("Video") for _, title, _ in submitted) == 3
+    fates = {
+        m[1]: m[2]
+        for line in simulator_lines.lines
+        if (m := re.fullmatch(r"job \d+ \(prompt (\S+)\) (completed|failed|canceled)(: .*)?", line))
+    }
+    assert fates == {prompt_id: truth(sim, prompt_id) for _, _, prompt_id in submitted}
+    assert set(fates.values()) == {"completed", "failed", "canceled"}
+
+
+async def test_run_simulator_without_a_database_submits_and_runs_jobs(
+    simulator_lines: Lines,
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_simulator(stop, host="127.0.0.1", port=port, speed=0.02, dsn=None, jobs_interval=0.05)
+    )
+    try:
+        async with asyncio.timeout(30):
+            done = await simulator_lines.first(r"job (\d+) \(prompt (\S+)\) completed")
+        job, prompt_id = done.groups()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/history/{prompt_id}") as response,
+        ):
+            entry = (await response.json())[prompt_id]
+        assert (entry["status"]["status_str"], entry["status"]["completed"]) == ("success", True)
+        assert entry["outputs"] != {}
+        assert any(
+            line.startswith(f"job {job} (") and f" submitted as prompt {prompt_id}, " in line
+            for line in simulator_lines.lines
+        )
+        assert "no database: jobs are submitted to the fake ComfyUI without rows" in (
+            simulator_lines.lines
+        )
+    finally:
+        stop.set()
+        await task
+
+
+def test_simulate_refuses_a_bridge_client_id_that_is_no_secret(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["simulate", "--bridge-client-id", "short"])
+    assert exited.value.code == 2
+    assert "argument --bridge-client-id: client_id must be a secret of at least 16 characters" in (
+        capsys.readouterr().err
+    )

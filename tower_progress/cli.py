@@ -38,21 +38,49 @@ def _parser() -> argparse.ArgumentParser:
         "--sim-speed", type=float, default=1.0, help="simulator time factor (0.5 = twice as fast)"
     )
     simulate = commands.add_parser(
-        "simulate", parents=[common], help="run only the fake ComfyUI (+ producer)"
+        "simulate", parents=[common], help="run the fake ComfyUI and a job producer"
     )
     simulate.add_argument("--host", default="127.0.0.1")
     simulate.add_argument("--port", type=int, default=8188)
     simulate.add_argument("--speed", type=float, default=1.0)
-    simulate.add_argument("--database-url", help="also produce jobs into this database")
+    simulate.add_argument(
+        "--database-url", help="also write each job as a production_jobs row in this database"
+    )
+    simulate.add_argument(
+        "--no-jobs", action="store_true", help="serve only the fake ComfyUI, produce no jobs"
+    )
     simulate.add_argument(
         "--jobs-interval", type=float, default=6.0, help="seconds between produced jobs"
     )
     simulate.add_argument(
         "--journal", type=Path, help="append every prompt transition to this file (JSON lines)"
     )
+    simulate.add_argument(
+        "--bridge-client-id",
+        type=_bridge_client_id,
+        help="act as a ComfyUI with the tower-progress bridge installed for this watcher id "
+        "(the daemon's comfyui.client_id, a secret of at least 16 characters)",
+    )
+    simulate.add_argument(
+        "--bridge-previews",
+        action="store_true",
+        help="the bridge also mirrors previews (its mirror_previews setting)",
+    )
     commands.add_parser("migrate", parents=[common], help="apply database migrations and exit")
     commands.add_parser("check", parents=[common], help="check config, database, ComfyUI and NVML")
     return parser
+
+
+def _bridge_client_id(value: str) -> str:
+    """The watcher id, refused here as the bridge would refuse it."""
+    from comfyui_bridge.config import BridgeConfig
+    from comfyui_bridge.config import ConfigError as BridgeConfigError
+
+    try:
+        BridgeConfig(value)
+    except BridgeConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def _logging(level: str) -> None:
@@ -110,6 +138,9 @@ def _simulate(args: argparse.Namespace) -> int:
             dsn=args.database_url,
             jobs_interval=args.jobs_interval,
             journal=args.journal,
+            bridge_client_id=args.bridge_client_id,
+            bridge_previews=args.bridge_previews,
+            produce=not args.no_jobs,
             stop=stop,
         )
 

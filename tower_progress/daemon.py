@@ -281,7 +281,7 @@ async def _serve(
             *instances[1:],
         )
         workers.append(
-            ("simulator", _simulator(simulation, dsn, settings.jobs_table, instances[0].client_id))
+            ("simulator", _simulator(simulation, dsn, settings.jobs_table, instances[0]))
         )
     sources = {i.name: _comfy_source(i, pipeline) for i in instances}
     listener = JobTableListener(
@@ -381,8 +381,9 @@ def _port_of(instance: ComfyInstance) -> int | None:
 
 
 def _simulator(
-    simulation: Simulation, dsn: str, jobs_table: str, watcher_client_id: str
+    simulation: Simulation, dsn: str, jobs_table: str, instance: ComfyInstance
 ) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
+    """The simulator in the first instance's place, bridged when that instance says so."""
     return functools.partial(
         run_simulator,
         host="127.0.0.1",
@@ -391,5 +392,6 @@ def _simulator(
         dsn=dsn,
         jobs_table=jobs_table,
         jobs_interval=simulation.jobs_interval_s,
-        watcher_client_id=watcher_client_id,
+        watcher_client_id=instance.client_id,
+        bridge_client_id=instance.client_id if instance.bridge else None,
     )

@@ -7,7 +7,9 @@ progress ticks (``progress_state``, binary event 4, ``progress``, binary event 1
 ``executed`` for nodes with UI output, and a ``progress_state`` marking it finished; then
 ``execution_success``, or ``execution_error``/``execution_interrupted``. Prompts without a
 client id broadcast progress, ``progress_state``, legacy previews and interrupts, and send
-nothing else.
+nothing else. ``execute_async``, ``add_message`` and ``history_result`` keep ComfyUI's names
+and signatures, and every send reads the owner from ``server.client_id`` at send time, so the
+tower-progress bridge wraps them as it wraps the real ones.
 
 Nodes do no real work: each class's ``Behaviour`` sleeps for a cost derived from ``Timing``
 (model loads once per model then cached, sampler steps scaled by latent size with jitter,
@@ -37,9 +39,11 @@ from tower_progress.simulate.graph import (
     is_link,
 )
 from tower_progress.simulate.media import (
-    preview_frame,
-    preview_frame_with_metadata,
+    PREVIEW_IMAGE,
+    PREVIEW_IMAGE_WITH_METADATA,
     preview_jpeg,
+    preview_payload,
+    preview_payload_with_metadata,
 )
 
 JsonDict = dict[str, Any]
@@ -66,26 +70,24 @@ _VIDEO_LATENT_FACTORS = {"EmptyHunyuanLatentVideo": 4}
 _OUTPUT_DIR = "/opt/ComfyUI/output"
 
 
-class Outbox(Protocol):
-    """Where the executor's messages go: the server's ordered message queue."""
+class Server(Protocol):
+    """What the executor uses of ``PromptServer``: the running prompt's owner and node (which
+    the websocket handshake reads for the reconnect ``executing`` frame) and the ordered
+    message queue."""
 
-    def send(self, event: str, data: JsonDict, sid: str | None) -> None: ...
+    client_id: str | None
+    last_node_id: str | None
 
-    def send_bytes(self, frame: bytes, sid: str | None) -> None: ...
+    def send_sync(self, event: str | int, data: Any, sid: str | None = None) -> None: ...
 
     def supports_preview_metadata(self, sid: str | None) -> bool: ...
 
 
 @dataclass(slots=True)
 class RunState:
-    """What ComfyUI keeps on ``PromptServer`` and in ``model_management`` while prompts run.
+    """``model_management``'s interrupt flag: ``POST /interrupt`` sets it, the executor clears
+    it when a prompt starts and checks it at each step and node."""
 
-    Shared with the server: the websocket handshake reads ``client_id``/``last_node_id`` (the
-    reconnect ``executing`` frame), ``POST /interrupt`` sets ``interrupted``.
-    """
-
-    client_id: str | None = None
-    last_node_id: str | None = None
     interrupted: bool = False
 
 
@@ -171,7 +173,6 @@ class _Run:
     executed: list[str] = field(default_factory=list)
     outputs: JsonDict = field(default_factory=dict)
     meta: JsonDict = field(default_factory=dict)
-    messages: list[list[Any]] = field(default_factory=list)
 
 
 def _now_ms() -> int:
@@ -190,27 +191,35 @@ def _pixel_scale(width: int, height: int) -> float:
 
 
 class PromptExecutor:
-    """Executes prompts one at a time; keeps the node cache, loaded models and file counters."""
+    """Executes prompts one at a time; keeps the node cache, loaded models and file counters.
+
+    ``cached_ui_needs_client_id``: v0.8.0's quirk, a cached output node's UI reaches the
+    history only for a prompt with a client id (bridge notes §4).
+    """
 
     def __init__(
         self,
         *,
         timing: Timing,
         rng: random.Random,
-        outbox: Outbox,
+        server: Server,
         state: RunState,
         progress_state: bool,
+        cached_ui_needs_client_id: bool,
         previews_for: Callable[[JsonDict], bool],
     ) -> None:
         self._timing = timing
         self._rng = rng
-        self._outbox = outbox
+        self._server = server
         self._state = state
         self._progress_state = progress_state
+        self._cached_ui_needs_client_id = cached_ui_needs_client_id
         self._previews_for = previews_for
         self._cache: dict[str, _Cached] = {}
         self._loaded: dict[tuple[str, str], int] = {}
         self._counters: dict[tuple[str, str], int] = {}
+        self.status_messages: list[list[Any]] = []
+        self.history_result: JsonDict = {}
 
     @property
     def loaded_bytes(self) -> int:
@@ -223,29 +232,36 @@ class PromptExecutor:
     def reset_cache(self) -> None:
         self._cache.clear()
 
-    async def execute(
-        self, prompt_id: str, prompt: JsonDict, extra_data: JsonDict, outputs: tuple[str, ...]
+    async def execute_async(
+        self,
+        prompt: JsonDict,
+        prompt_id: str,
+        extra_data: JsonDict,
+        execute_outputs: tuple[str, ...],
     ) -> Outcome:
+        """Run one prompt; ``history_result`` then holds its ``outputs`` and ``meta``."""
         client_id = extra_data.get("client_id")
-        self._state.client_id = client_id if isinstance(client_id, str) else None
+        self._server.client_id = client_id if isinstance(client_id, str) else None
         self._state.interrupted = False
+        self.status_messages = []
         run = _Run(prompt_id, prompt, self._previews_for(extra_data))
-        self._message(run, "execution_start", {"prompt_id": prompt_id}, broadcast=False)
+        self.history_result = {"outputs": run.outputs, "meta": run.meta}
+        self.add_message("execution_start", {"prompt_id": prompt_id}, broadcast=False)
 
         keys = cache_keys(prompt)
         wanted = set(keys.values())
         self._cache = {key: value for key, value in self._cache.items() if key in wanted}
         cached = [node_id for node_id in prompt if keys[node_id] in self._cache]
         run.values.update({node_id: self._cache[keys[node_id]].outputs for node_id in cached})
-        self._message(
-            run, "execution_cached", {"nodes": cached, "prompt_id": prompt_id}, broadcast=False
+        self.add_message(
+            "execution_cached", {"nodes": cached, "prompt_id": prompt_id}, broadcast=False
         )
         order = ExecutionOrder(
             prompt,
             is_cached=lambda node_id: keys[node_id] in self._cache,
             is_output=lambda node_id: NODES[prompt[node_id]["class_type"]].output_node,
         )
-        order.add_outputs(outputs)
+        order.add_outputs(execute_outputs)
         result: Result = "completed"
         while order:
             try:
@@ -259,8 +275,8 @@ class PromptExecutor:
                 await self._execute_node(run, node_id, keys[node_id])
             except _Interrupted:
                 result = "interrupted"
-                self._message(
-                    run, "execution_interrupted", self._failure_info(run, node_id), broadcast=True
+                self.add_message(
+                    "execution_interrupted", self._failure_info(run, node_id), broadcast=True
                 )
                 break
             except _NodeFailure as failure:
@@ -269,21 +285,21 @@ class PromptExecutor:
                 break
             order.complete(node_id)
         else:
-            self._message(run, "execution_success", {"prompt_id": prompt_id}, broadcast=False)
-        self._state.last_node_id = None
+            self.add_message("execution_success", {"prompt_id": prompt_id}, broadcast=False)
+        self._server.last_node_id = None
         status = {
             "status_str": "success" if result == "completed" else "error",
             "completed": result == "completed",
-            "messages": run.messages,
+            "messages": self.status_messages,
         }
         return Outcome(result, {"outputs": run.outputs, "status": status, "meta": run.meta})
 
-    def _message(self, run: _Run, event: str, data: JsonDict, *, broadcast: bool) -> None:
-        """``PromptExecutor.add_message``: recorded for history, sent to the client or all."""
+    def add_message(self, event: str, data: JsonDict, broadcast: bool) -> None:
+        """Recorded for history; sent to the prompt's client, or to all when ``broadcast``."""
         data = {**data, "timestamp": _now_ms()}
-        run.messages.append([event, data])
-        if self._state.client_id is not None or broadcast:
-            self._outbox.send(event, data, self._state.client_id)
+        self.status_messages.append([event, data])
+        if self._server.client_id is not None or broadcast:
+            self._server.send_sync(event, data, self._server.client_id)
 
     def _failure_info(self, run: _Run, node_id: str) -> JsonDict:
         return {
@@ -309,7 +325,7 @@ class PromptExecutor:
             "current_inputs": current_inputs,
             "current_outputs": [n for n in run.prompt if keys[n] in self._cache],
         }
-        self._message(run, "execution_error", data, broadcast=False)
+        self.add_message("execution_error", data, broadcast=False)
 
     def _send_progress_state(self, run: _Run) -> None:
         if not self._progress_state:
@@ -325,12 +341,13 @@ class PromptExecutor:
             }
             for node_id, entry in run.progress.items()
         }
-        self._outbox.send(
-            "progress_state", {"prompt_id": run.prompt_id, "nodes": nodes}, self._state.client_id
+        self._server.send_sync(
+            "progress_state", {"prompt_id": run.prompt_id, "nodes": nodes}, self._server.client_id
         )
 
     def _finish_progress(self, run: _Run, node_id: str) -> None:
-        entry = run.progress.setdefault(node_id, {"value": 0.0, "max": 1.0, "state": "running"})
+        """A node that never started (a cached one) gets ComfyUI's integer default entry."""
+        entry = run.progress.setdefault(node_id, {"value": 0, "max": 1, "state": "pending"})
         entry.update(value=entry["max"], state="finished")
         self._send_progress_state(run)
 
@@ -345,7 +362,7 @@ class PromptExecutor:
 
     async def _execute_node(self, run: _Run, node_id: str, key: str) -> None:
         node = run.prompt[node_id]
-        client = self._state.client_id
+        client = self._server.client_id
         cached = self._cache.get(key)
         if cached is not None:
             if client is not None:
@@ -355,8 +372,9 @@ class PromptExecutor:
                     "output": cached.ui,
                     "prompt_id": run.prompt_id,
                 }
-                self._outbox.send("executed", executed, client)
-            if cached.ui is not None:
+                self._server.send_sync("executed", executed, client)
+            recorded = client is not None or not self._cached_ui_needs_client_id
+            if cached.ui is not None and recorded:
                 self._record_ui(run, node_id, cached.ui)
             self._finish_progress(run, node_id)
             run.values[node_id] = cached.outputs
@@ -365,9 +383,9 @@ class PromptExecutor:
         run.progress[node_id] = {"value": 0.0, "max": 1.0, "state": "running"}
         self._send_progress_state(run)
         if client is not None:
-            self._state.last_node_id = node_id
+            self._server.last_node_id = node_id
             executing = {"node": node_id, "display_node": node_id, "prompt_id": run.prompt_id}
-            self._outbox.send("executing", executing, client)
+            self._server.send_sync("executing", executing, client)
         if self._state.interrupted:
             raise _Interrupted
         spec = NODES[node["class_type"]]
@@ -396,7 +414,7 @@ class PromptExecutor:
                     "output": ui,
                     "prompt_id": run.prompt_id,
                 }
-                self._outbox.send("executed", executed, client)
+                self._server.send_sync("executed", executed, client)
         self._finish_progress(run, node_id)
         run.values[node_id] = outputs
         self._cache[key] = _Cached(outputs, ui)
@@ -420,8 +438,8 @@ class PromptExecutor:
         entry = run.progress[node_id]
         entry.update(value=min(value, maximum), max=maximum)
         self._send_progress_state(run)
-        client = self._state.client_id
-        with_metadata = self._outbox.supports_preview_metadata(client)
+        client = self._server.client_id
+        with_metadata = self._server.supports_preview_metadata(client)
         jpeg = preview_jpeg(f"{run.prompt_id} node {node_id} step {value}") if preview else None
         if jpeg is not None and with_metadata:
             metadata = {
@@ -432,11 +450,12 @@ class PromptExecutor:
                 "real_node_id": node_id,
                 "image_type": "image/jpeg",
             }
-            self._outbox.send_bytes(preview_frame_with_metadata(jpeg, metadata), client)
+            payload = preview_payload_with_metadata(jpeg, metadata)
+            self._server.send_sync(PREVIEW_IMAGE_WITH_METADATA, payload, client)
         progress = {"value": value, "max": maximum, "prompt_id": run.prompt_id, "node": node_id}
-        self._outbox.send("progress", progress, client)
+        self._server.send_sync("progress", progress, client)
         if jpeg is not None and not with_metadata:
-            self._outbox.send_bytes(preview_frame(jpeg), client)
+            self._server.send_sync(PREVIEW_IMAGE, preview_payload(jpeg), client)
 
     async def _spend(self, seconds: float) -> None:
         if seconds > 0:

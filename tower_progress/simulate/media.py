@@ -41,12 +41,12 @@ def preview_jpeg(label: str, size: int = 24_000) -> bytes:
     return head + _segment(0xFFFE, comment) + tail
 
 
-def preview_frame(jpeg: bytes) -> bytes:
-    """Binary event 1 (PREVIEW_IMAGE): event type, image type (1 = JPEG), image bytes."""
-    return struct.pack(">II", PREVIEW_IMAGE, _JPEG_TYPE) + jpeg
+def preview_payload(jpeg: bytes) -> bytes:
+    """Binary event 1 (PREVIEW_IMAGE) after its event type: image type (1 = JPEG), image."""
+    return struct.pack(">I", _JPEG_TYPE) + jpeg
 
 
-def preview_frame_with_metadata(jpeg: bytes, metadata: dict[str, Any]) -> bytes:
-    """Binary event 4: event type, JSON length, the metadata JSON, image bytes."""
+def preview_payload_with_metadata(jpeg: bytes, metadata: dict[str, Any]) -> bytes:
+    """Binary event 4 after its event type: JSON length, the metadata JSON, image bytes."""
     encoded = json.dumps(metadata).encode()
-    return struct.pack(">II", PREVIEW_IMAGE_WITH_METADATA, len(encoded)) + encoded + jpeg
+    return struct.pack(">I", len(encoded)) + encoded + jpeg

@@ -7,13 +7,15 @@ own websocket (client id ``producer-…``, so it hears the start and end of the 
 submitted with that id) and ``/queue`` + ``/history`` polling for all of them; it moves the
 row to ``processing``, then ``completed``, ``failed`` (with the error text) or ``canceled``.
 Status only moves forward and never leaves a terminal status, whatever order the updates
-race in.
+race in. Without a database the producer submits and follows the same jobs with no rows,
+numbering them itself and logging each job's submission and fate at INFO instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import random
@@ -90,13 +92,14 @@ class Producer:
     with none, ``mixed`` picks per job; with a ``watcher_client_id`` (the daemon's id),
     ``mixed`` submits half the jobs with it, as a production system that wants full
     visibility would. ``poll_interval`` is the ``/queue`` + ``/history`` polling period;
-    websocket events and status frames trigger a poll at once.
+    websocket events and status frames trigger a poll at once. ``dsn`` None: no database,
+    no rows (see the module docstring).
     """
 
     def __init__(
         self,
         *,
-        dsn: str,
+        dsn: str | None,
         comfyui_url: str,
         table: str = "public.production_jobs",
         seed: int | None = None,
@@ -118,6 +121,8 @@ class Producer:
         self.client_id = f"producer-{uuid.UUID(int=self._rng.getrandbits(128)).hex[:16]}"
         self._pool: asyncpg.Pool | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._row_less_ids = itertools.count(1)
+        self._fate_level = logging.DEBUG if dsn is not None else logging.INFO
         self._jobs: dict[str, _Job] = {}  # prompt id -> job, until the job settles
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -127,12 +132,13 @@ class Producer:
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    async def _started(self) -> tuple[asyncpg.Pool, aiohttp.ClientSession]:
+    async def _started(self) -> tuple[asyncpg.Pool | None, aiohttp.ClientSession]:
         async with self._start_lock:
             if self._closed:
                 raise RuntimeError("the producer is closed")
-            if self._pool is None or self._session is None:
-                self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=2)
+            if self._session is None:
+                if self._dsn is not None:
+                    self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=2)
                 self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
                 self._spawn(self._follow_socket(self._session), "producer-socket")
                 self._spawn(self._poll_loop(self._pool, self._session), "producer-poll")
@@ -256,13 +262,7 @@ class Producer:
     ) -> str:
         """Insert a row for ``graph``, submit it, record the outcome; returns the row id."""
         pool, session = await self._started()
-        job_id: int = await pool.fetchval(
-            f"INSERT INTO {self._table} (title, status, total_frames, workflow) "
-            "VALUES ($1, 'pending', $2, $3::jsonb) RETURNING id",
-            title,
-            total_frames,
-            json.dumps(graph),
-        )
+        job_id = await self._insert(pool, graph, title, total_frames)
         body: JsonDict = {"prompt": graph}
         if client_id is not None:
             body["client_id"] = client_id
@@ -282,18 +282,45 @@ class Producer:
         prompt_id = str(answer["prompt_id"])
         self._jobs[prompt_id] = _Job(job_id, prompt_id)
         await self._update(pool, job_id, prompt_id, "queued")
-        _LOG.debug("job %s submitted as prompt %s", job_id, prompt_id)
+        owner = client_id or "none"
+        if client_id is not None and client_id == self._watcher_client_id:
+            owner = "the daemon's"
+        _LOG.log(
+            self._fate_level,
+            "job %s (%s) submitted as prompt %s, client id %s",
+            job_id,
+            title,
+            prompt_id,
+            owner,
+        )
         self._wake.set()
         return str(job_id)
 
+    async def _insert(
+        self, pool: asyncpg.Pool | None, graph: workflows.Graph, title: str, frames: int | None
+    ) -> int:
+        """The new row's id; without a database, the next number of our own."""
+        if pool is None:
+            return next(self._row_less_ids)
+        job_id: int = await pool.fetchval(
+            f"INSERT INTO {self._table} (title, status, total_frames, workflow) "
+            "VALUES ($1, 'pending', $2, $3::jsonb) RETURNING id",
+            title,
+            frames,
+            json.dumps(graph),
+        )
+        return job_id
+
     async def _update(
         self,
-        pool: asyncpg.Pool,
+        pool: asyncpg.Pool | None,
         job_id: int,
         prompt_id: str | None,
         status: str,
         error: str | None = None,
     ) -> None:
+        if pool is None:
+            return
         await pool.execute(
             f"UPDATE {self._table} SET status = $2, error = COALESCE($3, error), "
             "comfyui_job_id = COALESCE($4, comfyui_job_id), updated_at = now() "
@@ -366,7 +393,7 @@ class Producer:
         if kind == "status" or kind in _OUTCOME_EVENTS:
             self._wake.set()
 
-    async def _poll_loop(self, pool: asyncpg.Pool, session: aiohttp.ClientSession) -> None:
+    async def _poll_loop(self, pool: asyncpg.Pool | None, session: aiohttp.ClientSession) -> None:
         backoff = Backoff(base=0.5, cap=15.0, rng=self._rng)
         while True:
             with contextlib.suppress(TimeoutError):
@@ -390,7 +417,7 @@ class Producer:
         pending = {str(item[1]) for item in queue.get("queue_pending", [])}
         return running, pending
 
-    async def _poll(self, pool: asyncpg.Pool, session: aiohttp.ClientSession) -> None:
+    async def _poll(self, pool: asyncpg.Pool | None, session: aiohttp.ClientSession) -> None:
         """Queue first, then history for prompts that left it (the other order can miss one)."""
         open_jobs = list(self._jobs.values())
         if not open_jobs:
@@ -412,13 +439,21 @@ class Producer:
                     await self._advance(pool, job, *outcome(entry))
 
     async def _advance(
-        self, pool: asyncpg.Pool, job: _Job, status: str, error: str | None = None
+        self, pool: asyncpg.Pool | None, job: _Job, status: str, error: str | None = None
     ) -> None:
         if job.status == status:
             return
         await self._update(pool, job.job_id, job.prompt_id, status, error)
         job.status = status
-        _LOG.debug("job %s (prompt %s) %s", job.job_id, job.prompt_id, status)
+        level = self._fate_level if status in TERMINAL else logging.DEBUG
+        _LOG.log(
+            level,
+            "job %s (prompt %s) %s%s",
+            job.job_id,
+            job.prompt_id,
+            status,
+            f": {error}" if error else "",
+        )
         if status in TERMINAL:
             job.settled.set()
             del self._jobs[job.prompt_id]

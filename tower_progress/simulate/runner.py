@@ -1,4 +1,4 @@
-"""``tower-progress simulate``: a fake ComfyUI on host:port, plus a job producer with a DSN."""
+"""``tower-progress simulate``: a fake ComfyUI on host:port and a job producer feeding it."""
 
 from __future__ import annotations
 
@@ -29,13 +29,21 @@ async def run_simulator(
     jobs_table: str = "public.production_jobs",
     watcher_client_id: str | None = None,
     journal: Path | None = None,
+    bridge_client_id: str | None = None,
+    bridge_previews: bool = False,
+    produce: bool = True,
 ) -> None:
-    """Serve ``FakeComfyUI`` (and run a ``Producer`` when ``dsn`` is given) until ``stop``.
+    """Serve ``FakeComfyUI`` and, unless ``produce`` is False, run a ``Producer`` until ``stop``.
+
+    With ``dsn`` each produced job is a row in ``jobs_table`` too; without, the producer
+    submits the same jobs with no rows and logs each one's submission and outcome.
 
     With ``watcher_client_id`` (the daemon's client id), half the produced jobs are submitted
     with it, so a demo shows every visibility level: full, partial and coarse.
+    ``bridge_client_id`` runs the fake ComfyUI with the bridge installed for that watcher id
+    (``bridge_previews``: it mirrors previews too), so every prompt is full for that client.
 
-    The producer writes to ``jobs_table``, which must exist with the reference columns
+    ``jobs_table`` must exist with the reference columns
     (``sql/reference/production_jobs.sql``). If the producer stops with an error, everything
     is shut down and the error is raised. ``stop`` may be passed by position or keyword.
 
@@ -44,7 +52,12 @@ async def run_simulator(
     what really happened survives even a killed simulator.
     """
     writer = _Journal(journal) if journal is not None else None
-    sim = FakeComfyUI(speed=speed, on_transition=writer)
+    sim = FakeComfyUI(
+        speed=speed,
+        bridge_client_id=bridge_client_id,
+        bridge_previews=bridge_previews,
+        on_transition=writer,
+    )
     runner = web.AppRunner(sim.app, access_log=None)
     await runner.setup()
     producer: Producer | None = None
@@ -53,9 +66,12 @@ async def run_simulator(
         await web.TCPSite(runner, host, port).start()
         bound = runner.addresses[0]
         url = f"http://{host if ':' not in host else f'[{host}]'}:{bound[1]}"
-        _LOG.info("fake ComfyUI listening on %s (speed %g)", url, speed)
+        bridged = " with the bridge installed" if bridge_client_id is not None else ""
+        _LOG.info("fake ComfyUI listening on %s (speed %g)%s", url, speed, bridged)
         waiting: set[asyncio.Task[Any]] = {asyncio.create_task(stop.wait(), name="simulator-stop")}
-        if dsn is not None:
+        if produce:
+            if dsn is None:
+                _LOG.info("no database: jobs are submitted to the fake ComfyUI without rows")
             producer = Producer(
                 dsn=dsn, comfyui_url=url, table=jobs_table, watcher_client_id=watcher_client_id
             )

@@ -9,6 +9,11 @@ node), queue delete/clear, ``/free`` and ``/system_stats``; every route also und
 One worker task runs prompts one at a time (``executor.PromptExecutor``); every message goes
 through one ordered queue (``sockets.SocketHub``).
 
+Bridge mode is this server with the tower-progress bridge installed: the real
+``comfyui_bridge.bridge.Bridge``, wrapping the hub and the executor as it wraps ComfyUI's
+``PromptServer`` and ``PromptExecutor``, so the watcher id receives every event of every
+prompt and every other client and HTTP answer stays as without it (bridge notes §1).
+
 ``history_log`` records what really happened to each prompt, for tests that compare a
 watcher's view with the truth: ``queued``, ``started``, then ``completed``, ``failed`` or
 ``interrupted`` (stored in history), or ``deleted`` (removed from the queue, never in history).
@@ -67,6 +72,13 @@ class PromptTransition:
     prompt_id: str
     event: TransitionEvent
     time: float
+
+
+def _own_executor_class() -> type[PromptExecutor]:
+    class BridgedPromptExecutor(PromptExecutor):
+        """One server's own class: its bridge wraps these methods, no other server's."""
+
+    return BridgedPromptExecutor
 
 
 def _now_ms() -> int:
@@ -129,7 +141,10 @@ class FakeComfyUI:
     ``seed`` makes ids, jitter and preview names reproducible. ``version`` switches the
     behaviours that changed between releases (``versions.Features``). ``preview_method`` is the
     server's ``--preview-method``: ``none`` sends no previews unless a prompt asks for them.
-    ``on_transition`` is called with each entry as it is added to ``history_log``.
+    ``bridge_client_id`` installs the bridge with that watcher id (exact match), and
+    ``bridge_previews`` makes it mirror binary frames too; the bridge's own ``ConfigError``
+    (a ValueError) rejects an id that is no secret. ``on_transition`` is called with each
+    entry as it is added to ``history_log``.
     """
 
     def __init__(
@@ -142,6 +157,8 @@ class FakeComfyUI:
         frame_seconds: float = 0.01,
         version: str = "0.8.0",
         preview_method: str = "auto",
+        bridge_client_id: str | None = None,
+        bridge_previews: bool = False,
         on_transition: Callable[[PromptTransition], None] | None = None,
     ) -> None:
         if not speed > 0:
@@ -166,14 +183,18 @@ class FakeComfyUI:
         self._number = 0
         self._work = asyncio.Event()
         self._free_requests: dict[str, bool] = {}
-        self._executor = PromptExecutor(
+        executor_class = PromptExecutor if bridge_client_id is None else _own_executor_class()
+        self._executor = executor_class(
             timing=Timing(speed, step_seconds, load_seconds, frame_seconds),
             rng=self._rng,
-            outbox=self._hub,
+            server=self._hub,
             state=self._state,
             progress_state=self._features.progress_state,
+            cached_ui_needs_client_id=self._features.cached_ui_needs_client_id,
             previews_for=self._previews_for,
         )
+        if bridge_client_id is not None:
+            self._install_bridge(executor_class, bridge_client_id, bridge_previews)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self.history_log: list[PromptTransition] = []
@@ -183,6 +204,22 @@ class FakeComfyUI:
     @property
     def app(self) -> web.Application:
         return self._app
+
+    def _install_bridge(
+        self, executor_class: type[PromptExecutor], client_id: str, previews: bool
+    ) -> None:
+        # Imported here: importing the package runs its ComfyUI start-up hook (one log line).
+        from comfyui_bridge.bridge import Bridge
+        from comfyui_bridge.config import BridgeConfig
+
+        config = BridgeConfig(client_id, mirror_previews=previews)
+        bridge = Bridge(self._hub, executor_class, config, self._features.version)
+        bridge.install()
+        _LOG.info(
+            "bridge installed (previews mirrored: %s, prompts without client id: %s)",
+            "yes" if previews else "no",
+            "covered" if bridge.covers_prompts_without_client_id else "not covered",
+        )
 
     async def flush(self) -> None:
         """Wait until every message queued so far has been written to its websockets.
@@ -260,7 +297,7 @@ class FakeComfyUI:
         return {"exec_info": {"queue_remaining": self._queue.remaining}}
 
     def _queue_updated(self) -> None:
-        self._hub.send("status", {"status": self._queue_info()}, None)
+        self._hub.send_sync("status", {"status": self._queue_info()}, None)
 
     def _transition(self, prompt_id: str, event: TransitionEvent) -> None:
         transition = PromptTransition(prompt_id, event, time.time())
@@ -292,15 +329,15 @@ class FakeComfyUI:
             item, task_id = taken
             self._queue_updated()
             self._transition(item.prompt_id, "started")
-            outcome = await self._executor.execute(
-                item.prompt_id, item.prompt, item.extra_data, item.outputs
+            outcome = await self._executor.execute_async(
+                item.prompt, item.prompt_id, item.extra_data, item.outputs
             )
             self._queue.task_done(task_id, outcome.history)
             self._transition(item.prompt_id, outcome.result)
             self._queue_updated()
-            if self._state.client_id is not None:
+            if self._hub.client_id is not None:
                 done = {"node": None, "prompt_id": item.prompt_id}
-                self._hub.send("executing", done, self._state.client_id)
+                self._hub.send_sync("executing", done, self._hub.client_id)
 
     def _apply_free_requests(self) -> None:
         if self._free_requests.pop("unload_models", False):
@@ -318,8 +355,8 @@ class FakeComfyUI:
         self._hub.register(sid, ws)
         try:
             await self._hub.send_now(sid, "status", {"status": self._queue_info(), "sid": sid})
-            if self._state.client_id == sid and self._state.last_node_id is not None:
-                await self._hub.send_now(sid, "executing", {"node": self._state.last_node_id})
+            if self._hub.client_id == sid and self._hub.last_node_id is not None:
+                await self._hub.send_now(sid, "executing", {"node": self._hub.last_node_id})
             first = True
             async for message in ws:
                 if message.type == WSMsgType.TEXT:

@@ -15,6 +15,8 @@ class Features:
     system_os: str  # system_stats.system.os: os.name before v0.4.0, sys.platform since
     prompt_preview_method: bool  # extra_data.preview_method per prompt (v0.5.0)
     jobs_api: bool  # /api/jobs and /api/jobs/{id} (v0.6.0)
+    # a cached output node's UI reaches history only with a client id: v0.8.0, not v0.3.64
+    cached_ui_needs_client_id: bool
 
     @classmethod
     def for_version(cls, version: str) -> Features:
@@ -30,4 +32,5 @@ class Features:
             system_os="linux" if release >= (0, 4, 0) else "posix",
             prompt_preview_method=release >= (0, 5, 0),
             jobs_api=release >= (0, 6, 0),
+            cached_ui_needs_client_id=release >= (0, 8, 0),
         )
