@@ -117,8 +117,11 @@ async def test_sampler_steps_are_seen_with_full_and_partial_visibility(
     prompt_id = await submit(local.server.url, workflows.still(steps=20), client_id)
     done = await watch.state(prompt_id, "completed")
     sampling = [v for v in watch.history(prompt_id) if v["step"] is not None]
-    assert [v["step"] for v in sampling] == sorted({v["step"] for v in sampling})
-    assert sampling[-1]["step"] == 20
+    steps = [v["step"] for v in sampling]
+    # Never backwards; a step may show twice when something else changed meanwhile (a /queue
+    # poll landing mid-step can move the ETA).
+    assert steps == sorted(steps)
+    assert set(steps) == set(range(1, 21))
     assert {(v["steps"], v["visibility"], v["stage"]) for v in sampling} == {
         (20, visibility, "sampling")
     }
@@ -231,8 +234,9 @@ async def test_with_the_bridge_every_prompt_is_full_and_other_clients_see_no_dif
     for prompt_id in bridged.prompt_ids[:2]:
         views = bridged.watch.history(prompt_id)
         sampling = [v for v in views if v["step"] is not None]
-        assert [v["step"] for v in sampling] == sorted({v["step"] for v in sampling})
-        assert sampling[-1]["step"] == 8
+        steps = [v["step"] for v in sampling]
+        assert steps == sorted(steps)
+        assert set(steps) == set(range(1, 9))
         assert {(v["steps"], v["stage"]) for v in sampling} == {(8, "sampling")}
         done = views[-1]
         assert (done["state"], done["percent"]) == ("completed", 100.0)
