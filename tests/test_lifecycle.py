@@ -22,6 +22,7 @@ import asyncpg
 import psutil
 import pytest
 import websockets
+from comfyui_watch import submit
 from daemon_process import ComfyServer, DaemonProcess, Watcher, daemon_env, free_port, run_cli
 from websockets.exceptions import ConnectionClosed
 
@@ -156,6 +157,61 @@ async def test_sigterm_closes_clients_with_1001_notifies_systemd_and_stops_embed
     assert all(LOG_LINE.match(line) for line in lines), "every stderr line is a log line"
     assert any("embedded PostgreSQL stopped" in line for line in lines)
     assert lines[-1].endswith("tower-progress stopped")
+
+
+async def blocked_on(conn: asyncpg.Connection, relation: str) -> None:
+    """Until some session waits for a lock on ``relation`` (polling the database: nothing
+    else can tell)."""
+    query = (
+        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+        "WHERE c.relname = $1 AND NOT l.granted"
+    )
+    for _ in range(400):
+        if await conn.fetchval(query, relation):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"nothing ever waited for {relation}")
+
+
+async def test_sigterm_still_writes_a_finished_job_the_database_was_holding_up(
+    home: Path, comfy: ComfyServer, pg_dsn: str, started: list[DaemonProcess]
+) -> None:
+    """History's write of a finished job waits on a lock another session holds; SIGTERM comes
+    first, the lock goes only once the shutdown has begun (STOPPING=1): the job is written
+    before the daemon exits 0 within 5 s."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(home / "notify.sock"))
+    notify.setblocking(False)
+    env = daemon_env(
+        home, free_port(), database_url=pg_dsn, comfyui_url=comfy.url, comfyui_client_id=WATCHER_ID
+    ) | {"NOTIFY_SOCKET": str(home / "notify.sock")}
+    daemon = await DaemonProcess.start(env)
+    started.append(daemon)
+    await daemon.wait_healthy()
+    locker = await asyncpg.connect(pg_dsn)
+    try:
+        holding = locker.transaction()
+        await holding.start()
+        await locker.execute("LOCK TABLE tower_progress.finished_jobs IN EXCLUSIVE MODE")
+        async with Watcher(daemon.ws_url, daemon.origin) as watcher:
+            prompt_id = await submit(comfy.url, workflows.still(steps=3), WATCHER_ID)
+            job_id = f"comfy:{prompt_id}"
+            await watcher.until(lambda w: w.state(job_id) == "completed")
+        await blocked_on(locker, "finished_jobs")
+        daemon.proc.send_signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        while (await asyncio.wait_for(loop.sock_recv(notify, 4096), 5)) != b"STOPPING=1":
+            pass
+        await holding.rollback()
+        assert await asyncio.wait_for(daemon.proc.wait(), 5) == 0
+        stored = await locker.fetchrow(
+            "SELECT state, prompt_id FROM tower_progress.finished_jobs WHERE job_id = $1", job_id
+        )
+    finally:
+        await locker.close()
+        notify.close()
+    assert stored is not None and tuple(stored) == ("completed", prompt_id)
+    assert not [line for line in daemon.log_lines() if " ERROR " in line]
 
 
 async def test_info_logs_no_progress_lines_and_no_secrets_while_a_job_samples(

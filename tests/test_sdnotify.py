@@ -52,6 +52,7 @@ def test_every_message_on_a_path_socket(receiver: tuple[socket.socket, str]) -> 
     notifier.status("3 jobs running,\n1 queued")
     notifier.watchdog()
     notifier.stopping()
+    notifier.stopping()
     assert received(sock, 4) == [
         b"READY=1",
         b"STATUS=3 jobs running, 1 queued",

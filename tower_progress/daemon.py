@@ -336,6 +336,8 @@ async def _serve(
         return await _wait(stop, tasks)
     finally:
         stop.set()
+        notifier.stopping()
+        log.info("tower-progress stopping")
         await hub.close_all(1001)
         _, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_S)
         for task in pending:

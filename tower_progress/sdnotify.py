@@ -57,6 +57,7 @@ class Notifier:
     def __init__(self, env: Mapping[str, str] = os.environ, pid: int | None = None) -> None:
         self.watchdog_interval = watchdog_interval(env, pid)
         self._address: str | None = None
+        self._stopping = False
         address = env.get("NOTIFY_SOCKET")
         if not address:
             return
@@ -84,7 +85,10 @@ class Notifier:
         self._send("WATCHDOG=1")
 
     def stopping(self) -> None:
-        self._send("STOPPING=1")
+        """Say the shutdown has begun; only the first call sends."""
+        if not self._stopping:
+            self._stopping = True
+            self._send("STOPPING=1")
 
     def _send(self, message: str) -> None:
         if self._address is None:
