@@ -13,4 +13,7 @@ from .entry import install_into_comfyui
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
 
-install_into_comfyui(os.environ, Path(__file__).resolve().parent)
+# ComfyUI loads a custom node under its folder's path; imported by its package name (the
+# simulator's bridge mode, tower-progress itself) it only lends its modules.
+if __name__ != "comfyui_bridge":
+    install_into_comfyui(os.environ, Path(__file__).resolve().parent)

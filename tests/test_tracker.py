@@ -394,6 +394,25 @@ def test_a_restart_shown_by_every_witness_gone_loses_what_was_in_flight(
     assert state_of(tracker, "new") == "canceled"
 
 
+def test_after_a_restart_a_step_without_a_prompt_id_is_not_the_lost_prompts() -> None:
+    """p1 samples (its steps name no prompt, as some ComfyUI versions send them); three
+    earlier prompts read from history later are the witnesses, all gone after the restart."""
+    tracker = Tracker()
+    tracker.apply(SourceStatus("comfyui:local", True), T0)
+    tracker.apply(queue(["p1"], []), T0)
+    run_steps(tracker, "p1", 3, T0)
+    for n, done in enumerate(("d1", "d2", "d3")):
+        tracker.apply(history(done), T0 + 4 + n)
+    reconnect(tracker, T0 + 10)
+    tracker.apply(queue([], []), T0 + 12)
+    for done in ("d1", "d2", "d3"):
+        tracker.apply(HistoryEntry("local", done, None), T0 + 12)
+    assert state_of(tracker, "p1") == "lost"
+    seen = (tracker.job("comfy:p1") or {})["last_seen_at"]
+    assert tracker.apply(msg("progress", value=1, max=10, node="3"), T0 + 13) == []
+    assert (tracker.job("comfy:p1") or {})["last_seen_at"] == seen
+
+
 def test_unanswered_witnesses_keep_polling_often_until_one_answers() -> None:
     tracker = Tracker(TrackerConfig(instances={"local": InstanceConfig(client_id="me")}))
     tracker.apply(SourceStatus("comfyui:local", True), T0)

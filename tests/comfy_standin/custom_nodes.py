@@ -30,7 +30,7 @@ def load_custom_node(folder: Path, module_name: str | None = None) -> ModuleType
 def import_bridge_package() -> ModuleType:
     """The repo's ``comfyui_bridge`` as an importable package (it is on no sys.path entry).
 
-    Importing it runs its ``__init__``, which, with no watcher id configured in the
-    environment, installs nothing and logs one line.
+    Imported under its package name, its ``__init__`` installs nothing and logs nothing;
+    only a load under its folder's path, as ComfyUI does, installs.
     """
     return sys.modules.get("comfyui_bridge") or load_custom_node(BRIDGE_FOLDER, "comfyui_bridge")

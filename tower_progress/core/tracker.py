@@ -486,8 +486,6 @@ class Tracker:
                 continue
             log.warning("prompt %s vanished from ComfyUI %s: lost", prompt_id, instance)
             prompt.finish(JobState.LOST, now, prompt.last_seen_at)
-            if inst.running == prompt_id:
-                inst.running = None
             touched.append(self._prompt_job[prompt_id])
         inst.in_flight = frozenset()
         return touched
