@@ -929,7 +929,23 @@ async def test_api_jobs_spares_a_history_read_for_each_prompt_without_an_entry(
     }
     version = f"comfyui {NAME}: ComfyUI 0.8.0; outcomes from /api/jobs and /history"
     assert ("INFO", version) in logs()
+    longer = (
+        f"comfyui {NAME}: its history is longer than one /api/jobs page: outcomes from "
+        "/history until the next connection"
+    )
+    assert (("INFO", longer) in logs()) is has_more
     assert [line for line in logs() if line[0] == "WARNING"] == []
+
+
+async def test_one_prompt_in_question_is_read_from_history_without_a_jobs_page(
+    box: Box,
+) -> None:
+    server = box.server
+    server.queue = [body(queue_body([item(7, P)])), body(queue_body([]))]
+    server.history[P] = [body(history_body(P))]
+    async with box.watching():
+        await box.watch.state(P, "completed")
+    assert (server.served["/api/jobs"], server.served[f"/history/{P}"]) == (0, 1)
 
 
 async def test_a_comfyui_without_api_jobs_is_asked_once_then_read_from_history(
@@ -985,20 +1001,24 @@ BAD_JOBS: list[tuple[str, Answer, str]] = [
 async def test_a_bad_api_jobs_answer_falls_back_to_history_for_that_poll(
     box: Box, logs: Callable[[], list[tuple[str, str]]], bad: Answer, message: str
 ) -> None:
+    """The first poll's page is bad and both history reads fail; the next poll's good page
+    settles Q without a second read of its own."""
     server = box.server
     left_the_queue(server)
     server.history[P] = [status(500), body(history_body(P))]
+    server.history[Q] = [status(500), body({})]
     server.jobs = [bad, body(finished_jobs(P))]
     await outcomes(box)
     assert server.served["/api/jobs"] == 2
     assert (server.served[f"/history/{P}"], server.served[f"/history/{Q}"]) == (2, 1)
     warnings = [text for level, text in logs() if level == "WARNING"]
-    assert len(warnings) == 2, warnings
+    assert len(warnings) == 3, warnings
     assert warnings[0].startswith(f"comfyui {NAME}: poll failed: {message}")
     assert warnings[0].endswith("; outcomes from /history")
-    assert warnings[1] == (
-        f"comfyui {NAME}: poll failed: prompt {P}: GET /history/{P} answered HTTP 500"
-    )
+    assert warnings[1:] == [
+        f"comfyui {NAME}: poll failed: prompt {p}: GET /history/{p} answered HTTP 500"
+        for p in (P, Q)
+    ]
 
 
 @pytest.mark.parametrize(

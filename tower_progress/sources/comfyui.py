@@ -58,6 +58,9 @@ Resolver = Callable[[str, float], list[str]]
 _STABLE_S = 5.0
 # The newest finished jobs asked for at once: far more than finish between two polls.
 _FINISHED_JOBS = "/api/jobs?status=completed,failed&sort_by=created_at&sort_order=desc&limit=200"
+# A page of finished jobs costs far more than one /history read; it pays off only for several
+# prompts at once, and only while ComfyUI's whole history fits on it.
+_PAGE_WORTH = 2
 
 
 class ComfySource:
@@ -238,10 +241,12 @@ class ComfySource:
         """Read ``/queue``, then the outcome of every prompt the tracker cannot place.
 
         A connection's first poll reads ``/system_stats``: ComfyUI's version says whether it
-        has ``/api/jobs`` (a 404 says so too, once per connection). Where it has, one page of
-        its finished jobs lists the prompts with a history entry: one that is not listed on a
-        complete page has none (deleted, or wiped by a restart) without a request of its own;
-        the others are read from ``/history/{id}`` for their outputs and messages.
+        has ``/api/jobs`` (a 404 says so too, once per connection). Where it has, and several
+        prompts are in question (a resync after a reconnect), one page of its finished jobs
+        lists the prompts with a history entry: one that is not listed on a complete page has
+        none (deleted, or wiped by a restart) without a request of its own; the others are read
+        from ``/history/{id}`` for their outputs and messages. Once the history outgrows one
+        page, the page settles nothing and is not asked again on this connection.
 
         A failed ``/queue`` skips the rest (outcomes are only meaningful after a snapshot); a
         failed jobs page falls back to ``/history``; a failed history read skips only that
@@ -258,7 +263,8 @@ class ComfySource:
         else:
             self._emit(snapshot)
             wanted = self._unresolved(self.name, time.time())
-            finished = await self._finished(problems) if wanted else None
+            page_worth = len(wanted) >= _PAGE_WORTH
+            finished = await self._finished(problems) if page_worth else None
             for prompt_id in wanted:
                 if finished is not None and finished.complete and prompt_id not in finished.ids:
                     self._emit(HistoryEntry(self.name, prompt_id, None))
@@ -290,7 +296,7 @@ class ComfySource:
         if not self._jobs_api:
             return None
         try:
-            return parse_finished_jobs(await self._get(_FINISHED_JOBS))
+            page = parse_finished_jobs(await self._get(_FINISHED_JOBS))
         except ComfyError as exc:
             if exc.status == 404:
                 self._jobs_api = False
@@ -301,6 +307,14 @@ class ComfySource:
             else:
                 problems.append(f"{exc}; outcomes from /history")
             return None
+        if not page.complete:
+            self._jobs_api = False
+            log.info(
+                "comfyui %s: its history is longer than one /api/jobs page: outcomes from "
+                "/history until the next connection",
+                self.name,
+            )
+        return page
 
     def _report(self, problems: list[str]) -> None:
         """Each poll failure once at WARNING, its repeats at DEBUG, the recovery at INFO."""
