@@ -5,7 +5,8 @@ config file is read), stdout and stderr in files, and knows its own embedded Pos
 a failed test never leaves one running. ``Watcher`` is a page-like websocket client: it keeps
 its own picture of the jobs from the snapshot and every update, checks that ``seq`` never
 skips, and reconnects for a fresh snapshot when the daemon drops it, as the page does.
-``ComfyServer`` serves a ``FakeComfyUI`` in the test's event loop.
+``ComfyServer`` serves a ``FakeComfyUI`` in the test's event loop; ``own_mount`` gives the daemon
+a state directory it can see go read-only.
 """
 
 from __future__ import annotations
@@ -59,6 +60,25 @@ def daemon_env(home: Path, port: int, **settings: str) -> dict[str, str]:
     }
     env.update({f"TOWER_PROGRESS_{key.upper()}": value for key, value in settings.items()})
     return env
+
+
+def own_mount(directory: Path, *, read_only: bool = False) -> list[str]:
+    """A wrapper (as root) that runs its command in a private mount namespace where
+    ``directory`` is a bind mount of itself, read-only if asked; later mounts on it stay in
+    that namespace."""
+    options = "-o ro " if read_only else ""
+    script = f'mount --bind {options}"$0" "$0" && exec "$@"'
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        script,
+        str(directory),
+    ]
 
 
 async def run_cli(*args: str, env: Mapping[str, str], within: float = 60) -> tuple[int, str, str]:

@@ -33,7 +33,14 @@ import psutil
 import pytest
 import pytest_asyncio
 from aiohttp import WSMsgType, web
-from daemon_process import ComfyServer, DaemonProcess, Watcher, daemon_env, free_port
+from daemon_process import (
+    ComfyServer,
+    DaemonProcess,
+    Watcher,
+    daemon_env,
+    free_port,
+    own_mount,
+)
 
 from tower_progress.simulate import workflows
 from tower_progress.simulate.producer import Kind, Producer
@@ -620,18 +627,7 @@ def read_only(directory: Path) -> Sequence[str]:
     if os.geteuid() != 0:
         directory.chmod(0o555)
         return ()
-    script = 'mount --bind -o ro "$0" "$0" && exec "$@"'
-    return (
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "--",
-        "sh",
-        "-c",
-        script,
-        str(directory),
-    )
+    return own_mount(directory, read_only=True)
 
 
 async def test_read_only_state_dir_with_an_external_database_still_serves(

@@ -1,39 +1,59 @@
 """``tower-progress check``: one line per dependency, so an operator sees what is wrong.
 
-Each check returns ``(name, ok, detail)`` and never raises; a missing GPU is reported as the
-normal "no GPU" state, not a failure.
+Each check returns ``(name, ok, detail)`` and never raises: whatever goes wrong (a database
+that refuses, an embedded server that cannot start, a ComfyUI that answers garbage) is one
+line naming the reason. A missing GPU is reported as the normal "no GPU" state, not a failure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Awaitable
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 
 from tower_progress.config import ComfyInstance, Settings
-from tower_progress.sources.database import EmbeddedPostgres, SchemaError
+from tower_progress.sources.database import EmbeddedPostgres, EmbeddedPostgresError, SchemaError
+from tower_progress.sources.db_retry import describe
 from tower_progress.sources.db_table import describe_table
 from tower_progress.sources.resources import GpuUnavailable, NvmlReader
 
 Result = tuple[str, bool, str]
 REQUIRED = ("id", "status")
+_DATABASE_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+    ValueError,
+)
 
 
 async def run_checks(settings: Settings) -> list[Result]:
     results: list[Result] = [("config", True, "settings are valid")]
-    results.append(await _database(settings))
+    results.append(await _guarded("database", _database(settings)))
     for instance in settings.comfyui:
-        results.append(await _comfyui(instance))
-    results.append(await asyncio.to_thread(_nvml))
+        results.append(await _guarded(f"comfyui {instance.name}", _comfyui(instance)))
+    results.append(await _guarded("nvml", asyncio.to_thread(_nvml)))
     return results
+
+
+async def _guarded(name: str, check: Awaitable[Result]) -> Result:
+    """The check's result; a failure it did not foresee is still one line, not a traceback."""
+    try:
+        return await check
+    except Exception as exc:
+        return (name, False, f"check failed unexpectedly: {describe(exc)}")
 
 
 async def _database(settings: Settings) -> Result:
     embedded: EmbeddedPostgres | None = None
+    dsn = settings.database_url
+    where = "embedded" if dsn is None else dsn.rsplit("@", 1)[-1]
     try:
-        dsn = settings.database_url
         if dsn is None:
             embedded = EmbeddedPostgres()
             dsn = await asyncio.to_thread(embedded.start, Path(settings.state_dir) / "postgres")
@@ -49,10 +69,11 @@ async def _database(settings: Settings) -> Result:
         ]
         if missing:
             return ("database", False, f"{info.display} lacks required {', '.join(missing)}")
-        where = "embedded" if embedded else dsn.rsplit("@", 1)[-1]
         return ("database", True, f"{info.display} on {where}, {len(info.columns)} columns")
-    except (OSError, asyncpg.PostgresError, SchemaError, TimeoutError) as exc:
-        return ("database", False, str(exc) or type(exc).__name__)
+    except (EmbeddedPostgresError, SchemaError) as exc:
+        return ("database", False, str(exc))
+    except _DATABASE_ERRORS as exc:
+        return ("database", False, f"{where}: {describe(exc)}")
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
@@ -68,12 +89,16 @@ async def _comfyui(instance: ComfyInstance) -> Result:
         ):
             if response.status != 200:
                 return (name, False, f"{instance.url}/system_stats answered {response.status}")
-            body = await response.json(content_type=None)
-        system = body.get("system", {}) if isinstance(body, dict) else {}
-        version = system.get("comfyui_version", "unknown version")
-        return (name, True, f"{instance.url} is ComfyUI {version}")
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            body = await response.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
         return (name, False, f"{instance.url} unreachable: {exc or type(exc).__name__}")
+    try:
+        system = json.loads(body)["system"]
+        version = system.get("comfyui_version", "unknown version")
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        reason = describe(exc)
+        return (name, False, f"{instance.url}/system_stats is not ComfyUI's answer ({reason})")
+    return (name, True, f"{instance.url} is ComfyUI {version}")
 
 
 def _nvml() -> Result:

@@ -152,9 +152,9 @@ def _migrate(settings: Settings) -> int:
     from tower_progress.daemon import StartupError, open_database
 
     async def go() -> None:
-        async with open_database(settings) as (dsn, applied):
-            print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
-            print(f"database: {dsn.split('@')[-1]}")
+        async with open_database(settings) as database:
+            print(f"migrations applied: {', '.join(database.applied) or 'none (up to date)'}")
+            print(f"database: {database.dsn.split('@')[-1]}")
 
     try:
         asyncio.run(go())

@@ -48,6 +48,7 @@ from tower_progress.sources.database import (
     migrate,
 )
 from tower_progress.sources.db_retry import describe
+from tower_progress.sources.db_supervisor import EmbeddedSupervisor
 from tower_progress.sources.resources import ResourceSampler
 from tower_progress.web.app import create_app, default_allowed_hosts, serve
 from tower_progress.web.hub import Hub
@@ -186,19 +187,27 @@ async def _ticker(emit: Callable[[Observation], None], stop: asyncio.Event) -> N
         emit(Tick())
 
 
+@dataclass(frozen=True, slots=True)
+class Database:
+    """An open database: its DSN, the migrations just applied, and for the embedded server
+    the supervisor that restarts it (run as a worker)."""
+
+    dsn: str
+    applied: list[str]
+    supervisor: EmbeddedSupervisor | None
+
+
 @contextlib.asynccontextmanager
-async def open_database(
-    settings: Settings, *, simulated: bool = False
-) -> AsyncIterator[tuple[str, list[str]]]:
+async def open_database(settings: Settings, *, simulated: bool = False) -> AsyncIterator[Database]:
     """The configured database, or the embedded one started in the state directory, with our
     migrations applied; the embedded server is stopped on exit. A simulation gets a database
     of its own so demo jobs never mix with real history."""
     embedded: EmbeddedPostgres | None = None
     dsn = settings.database_url
+    data_dir = Path(settings.state_dir) / ("postgres-simulate" if simulated else "postgres")
     try:
         if dsn is None:
             embedded = EmbeddedPostgres()
-            data_dir = Path(settings.state_dir) / ("postgres-simulate" if simulated else "postgres")
             dsn = await asyncio.to_thread(embedded.start, data_dir)
         applied = await migrate(dsn)
     except _DATABASE_STARTUP_ERRORS as exc:
@@ -211,7 +220,8 @@ async def open_database(
     try:
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
-        yield dsn, applied
+        supervisor = None if embedded is None else EmbeddedSupervisor(embedded, data_dir, dsn)
+        yield Database(dsn, applied, supervisor)
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
@@ -235,10 +245,10 @@ async def run(
     notifier = Notifier()
     notifier.status("starting")
     try:
-        async with open_database(settings, simulated=simulation is not None) as (dsn, _):
-            history = await History.open(dsn, retention_days=settings.history_days)
+        async with open_database(settings, simulated=simulation is not None) as database:
+            history = await History.open(database.dsn, retention_days=settings.history_days)
             try:
-                healthy = await _serve(settings, dsn, history, notifier, stop, simulation)
+                healthy = await _serve(settings, database, history, notifier, stop, simulation)
             finally:
                 await history.close()
     finally:
@@ -249,13 +259,14 @@ async def run(
 
 async def _serve(
     settings: Settings,
-    dsn: str,
+    database: Database,
     history: History,
     notifier: Notifier,
     stop: asyncio.Event,
     simulation: Simulation | None,
 ) -> bool:
     """Serve until ``stop``; False when a worker died."""
+    dsn = database.dsn
     tracker = Tracker(tracker_config(settings), await history.load_priors())
     hub = Hub(tracker)
     metrics = Metrics()
@@ -309,6 +320,8 @@ async def _serve(
     ]
     if write_back is not None:
         workers.append(("write_back", write_back.run))
+    if database.supervisor is not None:
+        workers.append(("embedded database", database.supervisor.run))
     allowed = default_allowed_hosts(settings.host, settings.port) | set(settings.allowed_hosts)
     app = create_app(
         hub=hub,

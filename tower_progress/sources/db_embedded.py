@@ -4,21 +4,26 @@ Its data directory lives in the daemon's state directory and is reused across re
 history survives. The server listens only on a unix socket. As root, pgserver runs postgres
 as the unprivileged ``pgserver`` user and widens the permissions of every parent of the data
 directory so that user can reach it; that is why a data directory under root's home is
-refused. ``start`` and ``stop`` block (initdb, pg_ctl): call them through
-``asyncio.to_thread`` from the event loop.
+refused. ``start``, ``stop`` and ``kill`` block (initdb, pg_ctl): call them through
+``asyncio.to_thread`` from the event loop; they are serialized, so a ``stop`` at shutdown waits
+for a restart in flight and then stops what it started.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import pwd
 import stat
 import subprocess
+import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,7 @@ class EmbeddedPostgres:
         self._runtime_dir = runtime_dir
         self._server: Any = None
         self._dsn: str | None = None
+        self._lock = threading.Lock()
 
     @property
     def dsn(self) -> str:
@@ -51,7 +57,12 @@ class EmbeddedPostgres:
         return self._dsn
 
     def start(self, data_dir: Path) -> str:
-        """Start (or adopt an already running) server on ``data_dir``; return its DSN."""
+        """Start (or adopt an already running) server on ``data_dir``; return its DSN, which is
+        the same on every start (the socket lives in the data directory)."""
+        with self._lock:
+            return self._start(data_dir)
+
+    def _start(self, data_dir: Path) -> str:
         data_dir = data_dir.absolute()
         state_dir = data_dir.parent
         running_as_root = os.geteuid() == 0
@@ -83,15 +94,53 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         """Stop the server (fast shutdown: open transactions are rolled back)."""
+        with self._lock:
+            if self._server is None:
+                return
+            self._server.stop()
+            self._forget()
+            log.info("embedded PostgreSQL stopped")
+
+    def alive(self) -> bool:
+        """Whether the postmaster this object started still runs (a cheap process check)."""
+        postmaster = self._postmaster()
+        if postmaster is None:
+            return False
+        try:
+            return postmaster.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and its children and wait for them: for a server that hangs
+        (a postmaster that PANICked stays up refusing every connection, and ignores a fast
+        shutdown). A later ``start`` runs crash recovery."""
+        with self._lock:
+            postmaster = self._postmaster()
+            if postmaster is None:
+                return
+            try:
+                victims = [postmaster, *postmaster.children(recursive=True)]
+            except psutil.Error:
+                victims = [postmaster]
+            for victim in victims:
+                with contextlib.suppress(psutil.Error):
+                    victim.kill()
+            psutil.wait_procs(victims, timeout=10)
+            self._forget()
+
+    def _postmaster(self) -> psutil.Process | None:
         if self._server is None:
-            return
-        self._server.stop()
+            return None
+        process: psutil.Process | None = self._server.get_postmaster_info().process
+        return process
+
+    def _forget(self) -> None:
         # pgserver's own exit handler would otherwise re-create its lock file in the runtime
         # directory at interpreter exit, after the server is long gone.
         atexit.unregister(self._server._cleanup)
         self._server = None
         self._dsn = None
-        log.info("embedded PostgreSQL stopped")
 
     def _prepare_runtime_dir(self, state_dir: Path) -> None:
         runtime = self._runtime_dir
