@@ -413,6 +413,26 @@ def test_after_a_restart_a_step_without_a_prompt_id_is_not_the_lost_prompts() ->
     assert (tracker.job("comfy:p1") or {})["last_seen_at"] == seen
 
 
+def test_rows_done_before_comfyui_says_so_leave_nothing_behind_once_let_go() -> None:
+    """The production system marks each row completed while ComfyUI still runs the prompt
+    (partial visibility: its end shows only in /history, read later). Once the cap lets those
+    jobs go, their prompts go too: nothing is left running, nothing keeps /queue busy."""
+    tracker = Tracker(TrackerConfig(finished_cap=2))
+    for n in range(5):
+        t = T0 + n
+        tracker.apply(JobRow(str(n), "queued", prompt_id=f"p{n}"), t)
+        tracker.apply(queue([f"p{n}"], [], client_id=None), t)
+        node = {"value": 1, "max": 4, "state": "running", "node_id": "3", "display_node_id": "3"}
+        tracker.apply(msg("progress_state", prompt_id=f"p{n}", nodes={"3": node}), t)
+        tracker.apply(JobRow(str(n), "completed", prompt_id=f"p{n}"), t + 0.5)
+    assert [job["id"] for job in tracker.jobs()] == ["3", "4"]
+    tracker.apply(queue([], []), T0 + 6)
+    tracker.apply(HistoryEntry("local", "p3", None), T0 + 6)
+    tracker.apply(HistoryEntry("local", "p4", None), T0 + 6)
+    assert tracker.needs_polling("local") is False
+    assert tracker.unresolved_prompts("local", T0 + 7) == []
+
+
 def test_unanswered_witnesses_keep_polling_often_until_one_answers() -> None:
     tracker = Tracker(TrackerConfig(instances={"local": InstanceConfig(client_id="me")}))
     tracker.apply(SourceStatus("comfyui:local", True), T0)

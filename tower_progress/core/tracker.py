@@ -666,7 +666,15 @@ class Tracker:
         if job.prompt_id is not None and self._prompt_job.get(job.prompt_id) == job_id:
             del self._prompt_job[job.prompt_id]
             prompt = self._prompts.get(job.prompt_id)
-            if prompt is None or prompt.state.terminal or job_id.startswith("comfy:"):
+            # A row deleted while its prompt runs leaves the prompt to become its own job; a
+            # finished job let go takes its prompt along, even one ComfyUI has not ended yet
+            # (the production system said it was done first).
+            if (
+                prompt is None
+                or prompt.state.terminal
+                or job.final is not None
+                or job_id.startswith("comfy:")
+            ):
                 self._prompts.pop(job.prompt_id, None)
         events.append(JobRemoved(job_id))
 
