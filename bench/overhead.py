@@ -13,7 +13,10 @@ Phases, in order:
 
 1. **idle**: ComfyUI connected, no job, 5 websocket clients.
 2. **steady**: one job sampling at 20 steps/s (FakeComfyUI at real speed, a 512x512 step is
-   50 ms) with 5 clients: the state the box is in for hours.
+   50 ms) with 5 clients: the state the box is in for hours. Twice: submitted with the
+   daemon's own client id (ComfyUI then sends the daemon every preview too), then by a
+   production system with its own id, seen through the bridge installed in the fake ComfyUI
+   (previews not mirrored, the bridge's default).
 3. **hour**: an hour of a render farm compressed: ``--jobs`` jobs of the producer's mix (stills,
    videos, two-pass, failing, canceled; half submitted with the daemon's client id, half
    without) at ``--speed``, 3 clients.
@@ -53,6 +56,12 @@ from tower_progress.simulate.server import FakeComfyUI
 from tower_progress.sources.database import EmbeddedPostgres
 
 WATCHER_ID = "tower-progress-bench-overhead"
+# The steady job as the daemon's own (ComfyUI sends it the previews too) and as a production
+# system's, seen through the bridge (which mirrors no previews by default).
+STEADY = (
+    ("1 job at 20 steps/s, 5 clients", WATCHER_ID),
+    ("the same through the bridge", "render-farm-producer"),
+)
 IDLE_REFERENCE = "import asyncio; asyncio.run(asyncio.Event().wait())"
 RSS_EVERY_JOBS = 250
 
@@ -145,9 +154,13 @@ class Comfy:
         self._runner: web.AppRunner | None = None
         self._fake: FakeComfyUI | None = None
 
-    async def serve(self, speed: float) -> None:
+    async def serve(self, speed: float, *, bridge: bool = False) -> None:
+        """Serve at ``speed``; with ``bridge``, the tower-progress bridge is installed for the
+        daemon's id (previews not mirrored, its default)."""
         await self.stop()
-        self._fake = FakeComfyUI(speed=speed, seed=1)
+        self._fake = FakeComfyUI(
+            speed=speed, seed=1, bridge_client_id=WATCHER_ID if bridge else None
+        )
         self._runner = web.AppRunner(self._fake.app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
@@ -231,11 +244,11 @@ async def _measure(
     return row
 
 
-async def _steady_job(producer: Producer, seconds: float) -> str:
+async def _steady_job(producer: Producer, seconds: float, client_id: str) -> str:
     """A 512x512 still long enough to sample at 20 steps/s for the whole window."""
     steps = int(seconds * 20) + 200
     graph = workflows.still(steps=steps, seed=3)
-    return await producer.submit_workflow(graph, title="steady 20 steps/s", client_id=WATCHER_ID)
+    return await producer.submit_workflow(graph, title="steady 20 steps/s", client_id=client_id)
 
 
 async def _churn(producer: Producer, count: int, daemon: Meter, rss: list[int]) -> int:
@@ -262,7 +275,7 @@ async def run(args: argparse.Namespace) -> list[Row]:
     try:
         with _database(base) as dsn:
             comfy = Comfy(_free_port())
-            await comfy.serve(1.0)
+            await comfy.serve(1.0, bridge=True)
             port = _free_port()
             env = {
                 "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -292,16 +305,16 @@ async def run(args: argparse.Namespace) -> list[Row]:
                     async with Clients(ws_url, origin, 5) as clients:
                         print("measuring (the whole run takes a few minutes)")
                         await _measure("idle, 5 clients", daemon, idle, rows, args.idle_s)
-                        job = await _steady_job(producer, args.steady_s + 5)
-                        await clients.stepping.wait()
-                        steps = clients.steps
-                        row = await _measure(
-                            "1 job at 20 steps/s, 5 clients", daemon, idle, rows, args.steady_s
-                        )
-                        rate = (clients.steps - steps) / 5 / row.seconds
-                        print(f"  each client saw {rate:.1f} step updates/s")
-                        await producer.cancel(job)
-                        await producer.settled([job])
+                        for name, client_id in STEADY:
+                            job = await _steady_job(producer, args.steady_s + 5, client_id)
+                            await clients.stepping.wait()
+                            steps = clients.steps
+                            row = await _measure(name, daemon, idle, rows, args.steady_s)
+                            rate = (clients.steps - steps) / 5 / row.seconds
+                            print(f"  each client saw {rate:.1f} step updates/s")
+                            await producer.cancel(job)
+                            await producer.settled([job])
+                            clients.stepping.clear()
                     await comfy.serve(args.speed)
                     await _healthy(url, proc, log)
                     async with Clients(ws_url, origin, 3):
