@@ -23,3 +23,13 @@ def pg_dsn() -> Iterator[str]:
     yield dsn
     server.stop()
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    """A short private directory under /tmp for a daemon's home and state (the embedded
+    database's socket path must stay under 108 bytes, which pytest's tmp_path does not
+    promise)."""
+    path = Path(tempfile.mkdtemp(prefix="tp-home-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

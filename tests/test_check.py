@@ -7,9 +7,7 @@ that does not exist stands for the credentials the server turns away.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,13 +15,6 @@ from aiohttp import web
 from daemon_process import ComfyServer, daemon_env, free_port, run_cli
 
 from tower_progress.simulate.server import FakeComfyUI
-
-
-@pytest.fixture
-def home() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="tp-check-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

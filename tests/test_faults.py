@@ -611,12 +611,11 @@ async def test_memory_returns_near_the_baseline_after_the_storm(rig: Rig) -> Non
 
 
 @pytest.fixture
-def home() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="tp-ro-"))
-    (path / "state").mkdir()
-    yield path
-    (path / "state").chmod(0o755)
-    shutil.rmtree(path, ignore_errors=True)
+def home(home: Path) -> Iterator[Path]:
+    """The shared home with its state directory made, made writable again afterwards."""
+    (home / "state").mkdir()
+    yield home
+    (home / "state").chmod(0o755)
 
 
 def read_only(directory: Path) -> Sequence[str]:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import signal
 import socket
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from importlib.resources import files
 from pathlib import Path
 
@@ -37,15 +35,6 @@ DB_PASSWORD = "Db-Passw0rd-71c4e9b2"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 BROWSER_UA = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/131.0 Safari/537.36"
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) \S+: ")
-
-
-@pytest.fixture
-def home() -> Iterator[Path]:
-    """A short private directory under /tmp (the embedded database's socket path must stay
-    under 108 bytes, which pytest's tmp_path does not promise)."""
-    path = Path(tempfile.mkdtemp(prefix="tp-life-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -20,8 +20,7 @@ import contextlib
 import os
 import shutil
 import signal
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -53,13 +52,10 @@ needs_namespaces = pytest.mark.skipif(
 
 
 @pytest.fixture
-def home() -> Iterator[Path]:
-    """A short private directory under /tmp (the embedded database's socket path must stay
-    under 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="tp-disk-"))
-    (path / "state").mkdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def home(home: Path) -> Path:
+    """The shared home with its state directory made."""
+    (home / "state").mkdir()
+    return home
 
 
 @pytest.fixture
