@@ -23,6 +23,7 @@ import psutil
 import pynvml
 import pytest
 
+from tower_progress.clock import next_tick
 from tower_progress.core.model import GpuSample, Observation, ResourceSample, SourceStatus
 from tower_progress.sources.resources import (
     NO_GPU,
@@ -33,7 +34,6 @@ from tower_progress.sources.resources import (
     RawGpu,
     ResourceSampler,
     find_listening_pid,
-    next_tick,
     parse_gpu,
 )
 
@@ -183,12 +183,22 @@ def test_malformed_values_are_dropped_with_a_warning(caplog: pytest.LogCaptureFi
 
 
 def test_next_tick_stays_on_the_grid_and_skips_missed_ticks() -> None:
-    assert next_tick(100.0, 100.0, 2.0) == 102.0
-    assert next_tick(100.0, 101.999, 2.0) == 102.0
-    assert next_tick(100.0, 102.0, 2.0) == 104.0
-    assert next_tick(100.0, 102.3, 2.0) == 104.0
-    assert next_tick(100.0, 107.5, 2.0) == 108.0
-    assert next_tick(0.0, 1_000_000.1, 0.5) == 1_000_000.5
+    assert next_tick(100.0, 2.0) == 102.0
+    assert next_tick(101.999, 2.0) == 102.0
+    assert next_tick(102.0, 2.0) == 104.0
+    assert next_tick(102.3, 2.0) == 104.0
+    assert next_tick(107.5, 2.0) == 108.0
+    assert next_tick(1_000_000.1, 0.5) == 1_000_000.5
+
+
+def test_timers_whose_intervals_divide_each_other_fall_due_together() -> None:
+    for now in (0.0, 0.1, 3.7, 12_345.678, 98_765.999_999):
+        second = next_tick(now, 1.0)
+        quarters = [now]
+        while quarters[-1] < second:
+            quarters.append(next_tick(quarters[-1], 0.25))
+        assert quarters[-1] == second
+        assert next_tick(now, 0.1) > now
 
 
 # --- sampler loop driven by the recording -------------------------------------------------

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from tower_progress.clock import wait_for_tick
 from tower_progress.config import ComfyInstance, Settings
 from tower_progress.core.model import (
     Event,
@@ -180,10 +181,7 @@ def tracker_config(settings: Settings) -> TrackerConfig:
 
 async def _ticker(emit: Callable[[Observation], None], stop: asyncio.Event) -> None:
     """A ``Tick`` every second, so stalls are noticed without new input."""
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(TICK_S):
-                await stop.wait()
+    while not await wait_for_tick(stop, TICK_S):
         emit(Tick())
 
 

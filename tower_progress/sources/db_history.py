@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 
+from tower_progress.clock import next_tick
 from tower_progress.core.model import JobFinished, JsonDict
 from tower_progress.sources.db_history_entries import (
     Entry,
@@ -200,8 +201,9 @@ class History:
         return cls(pool, owns_pool=True, **options)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Flush every ``flush_interval`` (sooner when a batch is full) and prune on a timer,
-        until ``stop`` is set; then make one last flush attempt. Never raises for the database.
+        """Flush on every tick of ``flush_interval`` (``tower_progress.clock``; sooner when a
+        batch is full) and prune on a timer, until ``stop`` is set; then make one last flush
+        attempt. Never raises for the database.
         """
         relay = asyncio.create_task(self._relay_stop(stop), name="history-stop-relay")
         try:
@@ -348,7 +350,7 @@ class History:
         next_prune = loop.time()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._flush_interval):
+                async with asyncio.timeout_at(next_tick(loop.time(), self._flush_interval)):
                     await self._wake.wait()
             self._wake.clear()
             if stop.is_set():

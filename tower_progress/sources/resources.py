@@ -14,7 +14,6 @@ No GPU or no NVML library is a normal state (``gpu_status == "no GPU"``), not an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import math
@@ -26,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 import psutil
 import pynvml
 
+from tower_progress.clock import wait_for_tick
 from tower_progress.core.model import GpuSample, Observation, ResourceSample, SourceStatus
 
 log = logging.getLogger(__name__)
@@ -567,17 +567,9 @@ class _GpuPoller:
 # --- sampler ------------------------------------------------------------------------------
 
 
-def next_tick(start: float, now: float, interval: float) -> float:
-    """The first multiple of ``interval`` after ``start`` that is later than ``now``.
-
-    Scheduling on multiples of the start time keeps the rate drift-free; when sampling overran
-    one or more periods the missed ticks are skipped rather than run in a burst.
-    """
-    return start + (math.floor((now - start) / interval) + 1) * interval
-
-
 class ResourceSampler:
-    """Emits a ``ResourceSample`` every ``interval`` seconds until ``stop`` is set.
+    """Emits a ``ResourceSample`` every ``interval`` seconds (on the loop clock's grid, see
+    ``tower_progress.clock``) until ``stop`` is set.
 
     psutil gives system CPU % and RAM (used = total - available, what is really taken) and the
     ComfyUI process's CPU % and RSS (the pid listening on ``comfyui_port``, or ``comfyui_pid``).
@@ -616,9 +608,8 @@ class ResourceSampler:
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         psutil.cpu_percent(interval=None)
-        start = loop.time()
         try:
-            while not await _wait_until(stop, loop, next_tick(start, loop.time(), self._interval)):
+            while not await wait_for_tick(stop, self._interval):
                 await self._sample(loop.time())
         finally:
             await self._gpu.close()
@@ -642,13 +633,3 @@ class ResourceSampler:
         if status != self._last_status:
             self._last_status = status
             self._emit(status)
-
-
-async def _wait_until(stop: asyncio.Event, loop: asyncio.AbstractEventLoop, when: float) -> bool:
-    """Sleep until loop time ``when`` or until ``stop`` is set; True when stopping."""
-    delay = when - loop.time()
-    if delay > 0 and not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
-                await stop.wait()
-    return stop.is_set()
