@@ -1,10 +1,10 @@
 """Fixed-rate timers on one grid of the event loop's clock.
 
 Every periodic timer of the daemon (the tracker's tick, the resource sampler, history flushes)
-falls due on whole multiples of its interval on the loop's clock, not an
-interval after it last ran. Timers whose intervals divide one another then fall due at the same
-instant and share one wake-up of the process, which on a render box's virtual machine costs
-more than the work each one does. The rate cannot drift either: a late tick does not push the
+falls due on whole multiples of its interval on the loop's clock, not an interval after it last
+ran. Timers whose intervals divide one another then fall due at the same instant and share one
+wake-up of the process, which on a render box's virtual machine costs more than the work each
+one does. The rate cannot drift either: a late tick does not push the
 next ones back, and ticks missed by an overrun are skipped rather than run in a burst.
 """
 
