@@ -9,11 +9,12 @@ systemd (``$NOTIFY_SOCKET`` unset) every call is a no-op, so the daemon needs no
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 from collections.abc import Mapping
+
+from tower_progress.clock import wait_for_tick
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +106,13 @@ async def watchdog_loop(notifier: Notifier, stop: asyncio.Event) -> None:
     """Ping the watchdog every ``notifier.watchdog_interval`` seconds until ``stop`` is set.
 
     The pings come from the event loop itself, so a loop that is stuck (a blocking call, a busy
-    coroutine) stops them and systemd restarts the service. Returns at once when systemd asked
-    for no watchdog.
+    coroutine) stops them and systemd restarts the service. They fall due on the loop clock's
+    grid (:mod:`tower_progress.clock`), sharing a wake-up with the daemon's other timers.
+    Returns at once when systemd asked for no watchdog.
     """
     interval = notifier.watchdog_interval
     if interval is None or not notifier.enabled:
         return
-    while not stop.is_set():
+    notifier.watchdog()
+    while not await wait_for_tick(stop, interval):
         notifier.watchdog()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(interval):
-                await stop.wait()
