@@ -433,6 +433,60 @@ def test_rows_done_before_comfyui_says_so_leave_nothing_behind_once_let_go() -> 
     assert tracker.unresolved_prompts("local", T0 + 7) == []
 
 
+def _bridged_and_sampling(grace: float) -> Tracker:
+    tracker = Tracker(
+        TrackerConfig(
+            instances={"local": InstanceConfig("watcher", bridge=True)}, finish_grace_s=grace
+        )
+    )
+    tracker.apply(SourceStatus("comfyui:local", True), T0)
+    tracker.apply(JobRow("7", "processing", prompt_id="p1"), T0)
+    tracker.apply(queue(["p1"], []), T0)
+    run_steps(tracker, "p1", 10, T0, gap=0.5)
+    return tracker
+
+
+def test_a_row_completed_before_comfyui_ends_waits_for_its_tail_within_the_grace() -> None:
+    """The production system's update overtakes ComfyUI's last events: the job stays running
+    until they come, and then finishes with its decoding span and outputs."""
+    tracker = _bridged_and_sampling(grace=2.0)
+    early = tracker.apply(JobRow("7", "completed", prompt_id="p1"), T0 + 5.1)
+    assert not any(isinstance(e, JobFinished) for e in early)
+    assert tracker.apply(Tick(), T0 + 6) == []
+    assert (tracker.job("7") or {})["state"] == "running"
+    tracker.apply(msg("executing", node="8", prompt_id="p1"), T0 + 6.2)
+    output = {"images": [{"filename": "shot.png", "subfolder": "", "type": "output"}]}
+    tracker.apply(msg("executing", node="9", prompt_id="p1"), T0 + 6.6)
+    tracker.apply(msg("executed", node="9", output=output, prompt_id="p1"), T0 + 6.6)
+    events = tracker.apply(msg("execution_success", prompt_id="p1"), T0 + 6.7)
+    (finished,) = [e for e in events if isinstance(e, JobFinished)]
+    assert (finished.job["state"], finished.job["outputs"]) == ("completed", ["shot.png"])
+    assert finished.stage_seconds["decoding"] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("with_grace", [False, True])
+def test_the_row_verdict_stands_once_the_grace_is_over_or_without_one(with_grace: bool) -> None:
+    tracker = _bridged_and_sampling(grace=2.0 if with_grace else 0.0)
+    events = tracker.apply(JobRow("7", "completed", prompt_id="p1"), T0 + 5.1)
+    if with_grace:
+        assert tracker.apply(Tick(), T0 + 7.0) == []
+        events = tracker.apply(Tick(), T0 + 7.1)
+    assert [e.job["state"] for e in events if isinstance(e, JobFinished)] == ["completed"]
+
+
+def test_a_row_completed_while_comfyui_is_away_or_unseen_ends_at_once() -> None:
+    tracker = _bridged_and_sampling(grace=2.0)
+    tracker.apply(SourceStatus("comfyui:local", False, "closed"), T0 + 5.0)
+    events = tracker.apply(JobRow("7", "completed", prompt_id="p1"), T0 + 5.1)
+    assert [e.job["state"] for e in events if isinstance(e, JobFinished)] == ["completed"]
+    partial = Tracker(TrackerConfig(finish_grace_s=2.0))
+    partial.apply(SourceStatus("comfyui:local", True), T0)
+    partial.apply(JobRow("8", "processing", prompt_id="p2"), T0)
+    partial.apply(queue(["p2"], [], client_id=None), T0)
+    events = partial.apply(JobRow("8", "completed", prompt_id="p2"), T0 + 1)
+    assert [e.job["state"] for e in events if isinstance(e, JobFinished)] == ["completed"]
+
+
 def test_unanswered_witnesses_keep_polling_often_until_one_answers() -> None:
     tracker = Tracker(TrackerConfig(instances={"local": InstanceConfig(client_id="me")}))
     tracker.apply(SourceStatus("comfyui:local", True), T0)

@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 SHUTDOWN_GRACE_S = 4.0
+# How long a row marked completed waits for ComfyUI's own end of its prompt (a production
+# system that learns of the end first can update the row before our websocket delivers it).
+FINISH_GRACE_S = 2.0
 _DATABASE_STARTUP_ERRORS = (
     EmbeddedPostgresError,
     MigrationError,
@@ -175,6 +178,7 @@ def tracker_config(settings: Settings) -> TrackerConfig:
         stall_factor=settings.stall_factor,
         stall_min_s=settings.stall_min_s,
         progress_interval_s=settings.progress_interval_s,
+        finish_grace_s=FINISH_GRACE_S,
         resources_stale_s=max(10.0, 5 * settings.resources_interval_s),
     )
 

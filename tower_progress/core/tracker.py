@@ -80,6 +80,10 @@ class TrackerConfig:
     """A change of progress alone (percent, step, frames) is emitted at most this often per
     job; anything else at once. What is held back goes out with the next change or tick."""
     let_go_cap: int = 10_000
+    finish_grace_s: float = 0.0
+    """A row marked completed while ComfyUI still reports its prompt in full as running keeps
+    the job running this long, for ComfyUI's last events (decoding, saving, outputs) that the
+    production system's update may overtake; then the row's verdict stands regardless."""
     """Finished jobs remembered after the cap let them go, so that the reconcile query's
     unchanged copy of their row does not bring them back (more than it returns at once)."""
 
@@ -108,6 +112,7 @@ class Job:
     last_key: JsonDict | None = None
     last_view: JsonDict | None = None
     updated_at: float = 0.0
+    row_ended_at: float | None = None
 
 
 class Tracker:
@@ -263,6 +268,11 @@ class Tracker:
                 if other is not None and other != row.id and other.startswith("comfy:"):
                     self._drop(other, events)
         job.row = row
+        row_state = self._config.status_map.state(row.status)
+        if row_state is None or not row_state.terminal:
+            job.row_ended_at = None
+        elif job.row_ended_at is None:
+            job.row_ended_at = now
         return touched
 
     # --- ComfyUI ---------------------------------------------------------------------------
@@ -520,7 +530,7 @@ class Tracker:
     def _emit(self, job_id: str, now: float, events: list[Event]) -> None:
         job = self._jobs[job_id]
         prompt = self._prompts.get(job.prompt_id) if job.prompt_id else None
-        state = job.final or self._state(job, prompt)
+        state = job.final or self._state(job, prompt, now)
         stalled = self._stalled(prompt, state, now)
         stale = not state.terminal and self._stale(job, prompt)
         view = render(
@@ -561,8 +571,10 @@ class Tracker:
             return False
         return all(key[k] == last[k] for k in key if k not in PROGRESS)
 
-    def _state(self, job: Job, prompt: Prompt | None) -> JobState:
+    def _state(self, job: Job, prompt: Prompt | None, now: float) -> JobState:
         row_state = self._config.status_map.state(job.row.status) if job.row else None
+        if row_state is JobState.COMPLETED and self._finishing(job, prompt, now):
+            return JobState.RUNNING
         if row_state is not None and row_state.terminal:
             return row_state
         if prompt is None:
@@ -570,6 +582,19 @@ class Tracker:
         if prompt.state is JobState.COMPLETED and job.row is not None:
             return JobState.RUNNING
         return prompt.state
+
+    def _finishing(self, job: Job, prompt: Prompt | None, now: float) -> bool:
+        """Whether ComfyUI's tail of a job its row calls completed is still worth waiting for:
+        its prompt runs, reported in full by an instance that is up, within the grace."""
+        if prompt is None or prompt.state is not JobState.RUNNING or job.row_ended_at is None:
+            return False
+        inst = self._instances.get(prompt.instance)
+        return (
+            prompt.visibility is Visibility.FULL
+            and inst is not None
+            and inst.up
+            and 0 <= now - job.row_ended_at < self._config.finish_grace_s
+        )
 
     def _stale(self, job: Job, prompt: Prompt | None) -> bool:
         if prompt is not None and not prompt.state.terminal:
