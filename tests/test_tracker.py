@@ -213,6 +213,18 @@ def test_progress_alone_is_emitted_at_most_every_interval_and_the_rest_at_once()
     ]
 
 
+def test_progress_once_per_interval_is_not_held_back_by_jitter() -> None:
+    tracker = Tracker(TrackerConfig(progress_interval_s=0.25))
+    tracker.apply(queue(["p1"], []), T0)
+    tracker.apply(msg("execution_start", prompt_id="p1"), T0)
+    tracker.apply(msg("executing", node="3", prompt_id="p1"), T0)
+    events: list[Any] = []
+    for step, after in enumerate((0.248, 0.497, 0.749, 0.8, 0.98), start=1):
+        progress = msg("progress", value=step, max=20, node="3", prompt_id="p1")
+        events += tracker.apply(progress, T0 + after)
+    assert [e.job["step"] for e in events if isinstance(e, JobChanged)] == [1, 2, 3, 5]
+
+
 @pytest.mark.parametrize(
     ("outputs", "status", "frames_done"),
     [

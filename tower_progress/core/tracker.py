@@ -52,6 +52,8 @@ _PROGRESS_KINDS = frozenset({"progress", "progress_state"})
 # How many prompts ComfyUI must still hold after a reconnect are asked about (one answer
 # proves it did not restart; all of them gone prove it did).
 _WITNESSES = 3
+# The share of progress_interval_s by which an update may come early and still go out.
+_SLACK = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,7 +391,7 @@ class Tracker:
         return (
             after[0] == before[0]
             and job.last_view["stalled"] is None
-            and 0 <= now - job.updated_at < self._config.progress_interval_s
+            and self._within_interval(job, now)
         )
 
     def _snapshot(self, snap: QueueSnapshot, now: float) -> list[str]:
@@ -567,9 +569,16 @@ class Tracker:
         """A progress-only change within ``progress_interval_s`` of the last emitted one (a
         wall clock stepped back does not hold it)."""
         last = job.last_key
-        if last is None or not 0 <= now - job.updated_at < self._config.progress_interval_s:
+        if last is None or not self._within_interval(job, now):
             return False
         return all(key[k] == last[k] for k in key if k not in PROGRESS)
+
+    def _within_interval(self, job: Job, now: float) -> bool:
+        """Whether ``now`` is too soon after the job's last update for progress alone. Within
+        ``_SLACK`` of a whole interval counts as one, so that progress arriving once per
+        interval (as from a reader paced to it) is never held back by a hair of jitter."""
+        interval = self._config.progress_interval_s
+        return 0 <= now - job.updated_at < interval * (1 - _SLACK)
 
     def _state(self, job: Job, prompt: Prompt | None, now: float) -> JobState:
         row_state = self._config.status_map.state(job.row.status) if job.row else None
