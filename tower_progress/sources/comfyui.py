@@ -171,6 +171,9 @@ class ComfySource:
         return None
 
     async def _watch(self) -> None:
+        """Connect, read, reconnect; a cancel closes the connection with its handshake (up to
+        ``close_timeout_s``) before it ends the task, rather than leaving that to the library's
+        generator at garbage collection."""
         self._emit(SourceStatus(self.source_name, False, "connecting"))
         quick_closes = 0
         try:
@@ -192,7 +195,11 @@ class ComfySource:
                 self._emit(SourceStatus(self.source_name, True))
                 self._connected.set()
                 self._wake.set()
-                detail = await self._read(ws)
+                try:
+                    detail = await self._read(ws)
+                except asyncio.CancelledError:
+                    await ws.close()
+                    raise
                 self._connected.clear()
                 quick_closes = quick_closes + 1 if time.monotonic() - opened < _STABLE_S else 0
                 wait = self._backoff(quick_closes) if quick_closes else 0.0
