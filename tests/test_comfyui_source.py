@@ -558,6 +558,67 @@ async def test_a_frame_without_prompt_id_goes_to_the_running_prompt_with_a_log_l
     assert job["state"] == "running"
 
 
+# --- paced reading -------------------------------------------------------------------------
+
+
+def progress_state(value: int) -> str:
+    node = {"value": value, "max": 20, "state": "running", "node_id": "3", "display_node_id": "3"}
+    return frame("progress_state", nodes={"3": node}, prompt_id=P)
+
+
+def progress_seen(watch: Watch) -> list[int]:
+    """The values of the ``progress`` messages the source passed on, in order."""
+    messages = (o.message for o in watch.of_type(ComfyMessage))
+    return [m["data"]["value"] for m in messages if m["type"] == "progress"]
+
+
+async def test_paced_reading_passes_on_the_newest_progress_about_once_per_pace(box: Box) -> None:
+    pace = 0.2
+    server, watch = box.server, box.watch
+    server.queue = [body(queue_body([item(7, P)]))]
+    loop = asyncio.get_running_loop()
+    async with box.watching(read_pace_s=pace):
+        await watch.until("the first poll", lambda: watch.of_type(QueueSnapshot))
+        server.send(*START[:3])
+        started = loop.time()
+        for step in range(1, 20):
+            server.send(progress(step), progress_state(step), binary(1, u32(1), JPEG))
+            await asyncio.sleep(0.02)
+        elapsed = loop.time() - started
+        job = await watch.step(P, 19)
+    seen = progress_seen(watch)
+    assert seen == sorted(set(seen))
+    assert seen[-1] == 19
+    assert len(seen) - 1 <= elapsed / pace + 2, seen
+    assert (job["state"], job["stage"], job["steps"]) == ("running", "sampling", 20)
+
+
+async def test_paced_reading_reads_on_at_once_after_the_last_step_of_a_node(box: Box) -> None:
+    pace = 2.0
+    server, watch = box.server, box.watch
+    server.queue = [body(queue_body([item(7, P)]))]
+    async with box.watching(read_pace_s=pace):
+        await watch.until("the first poll", lambda: watch.of_type(QueueSnapshot))
+        server.send(*START[:3], *(progress(step) for step in range(1, 21)))
+        await watch.step(P, 20)
+        server.send(frame("executing", node="8", display_node="8", prompt_id=P))
+        await watch.until(
+            "decoding", lambda: running_job(watch)["stage"] == "decoding", within_s=pace / 2
+        )
+    assert progress_seen(watch)[-1] == 20
+
+
+async def test_paced_reading_never_holds_up_the_closing_handshake(box: Box) -> None:
+    server, watch = box.server, box.watch
+    server.queue = [body(queue_body([item(7, P)]))]
+    async with box.watching(read_pace_s=3600, close_timeout_s=30):
+        await watch.until("the first poll", lambda: watch.of_type(QueueSnapshot))
+        server.send(*START)
+        await watch.step(P, 5)
+        server.send(progress(6))
+    assert progress_seen(watch) == [5]
+
+
 def one_reconnect(watch: Watch, lines: list[tuple[str, str]]) -> str:
     """The detail of the one websocket close, after checking its statuses and warning."""
     statuses = watch.of_type(SourceStatus)

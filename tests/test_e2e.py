@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -134,8 +135,13 @@ async def test_produced_job_reaches_a_websocket_client_running_then_completed(
     assert percents == sorted(percents)
 
 
-async def test_page_shows_the_job_card_reach_100_percent(stack: Stack) -> None:
-    async with async_playwright() as pw:
+async def test_page_card_follows_the_job_to_its_last_running_percent_then_completed(
+    stack: Stack,
+) -> None:
+    """The card's bar shows what the daemon sent: a socket of our own records each running
+    update, and the highest percent the bar showed is the highest of those (floored, as the
+    page does); then the job is listed as completed."""
+    async with async_playwright() as pw, websockets.connect(stack.ws_url) as ws:
         browser = await launch_chromium(pw)
         try:
             page = await browser.new_page()
@@ -145,10 +151,14 @@ async def test_page_shows_the_job_card_reach_100_percent(stack: Stack) -> None:
             job_id = await stack.producer.submit(
                 "still", client_id=WATCHER_ID, title="browser still"
             )
+            updates = await next_job(ws, job_id, until="completed")
             card = page.locator(f'article[data-job-id="{job_id}"]')
-            await expect(card).to_contain_text("browser still", timeout=30_000)
             finished = page.locator(f'li[data-job-id="{job_id}"]')
             await expect(finished).to_contain_text("Completed", timeout=30_000)
-            assert await page.evaluate(f"window.maxPercent[{json.dumps(job_id)}]") == 100
+            await expect(card).to_have_count(0)
+            shown = await page.evaluate(f"window.maxPercent[{json.dumps(job_id)}]")
         finally:
             await browser.close()
+    running = [u["percent"] for u in updates if u["state"] == "running"]
+    assert any(u["step"] for u in updates), "no update carried a sampler step"
+    assert shown == math.floor(max(running)) > 0

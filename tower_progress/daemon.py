@@ -296,7 +296,7 @@ async def _serve(
         workers.append(
             ("simulator", _simulator(simulation, dsn, settings.jobs_table, instances[0]))
         )
-    sources = {i.name: _comfy_source(i, pipeline) for i in instances}
+    sources = {i.name: _comfy_source(i, pipeline, settings.progress_interval_s) for i in instances}
     listener = JobTableListener(
         dsn=dsn,
         jobs_table=settings.jobs_table,
@@ -378,7 +378,8 @@ async def _wait(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> bool:
     return healthy
 
 
-def _comfy_source(instance: ComfyInstance, pipeline: Pipeline) -> ComfySource:
+def _comfy_source(instance: ComfyInstance, pipeline: Pipeline, pace_s: float) -> ComfySource:
+    """Reading is paced to the interval at which progress goes to the page."""
     tracker = pipeline.tracker
     return ComfySource(
         name=instance.name,
@@ -387,6 +388,7 @@ def _comfy_source(instance: ComfyInstance, pipeline: Pipeline) -> ComfySource:
         emit=pipeline.emit,
         unresolved=tracker.unresolved_prompts,
         needs_polling=tracker.needs_polling,
+        read_pace_s=pace_s,
     )
 
 

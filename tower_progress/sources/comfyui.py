@@ -4,24 +4,30 @@ polling.
 The websocket (``websockets``' reconnecting ``connect`` iterator, fed our own capped exponential
 backoff with jitter, reset after each success; client pings since ComfyUI sends none; no size
 limit; no permessage-deflate, which would cost both ends CPU on every progress frame for a few
-hundred bytes saved) feeds every text frame to the tracker. Because ComfyUI routes a prompt's
-events only to its submitter, ``/queue`` is polled on every ``status`` frame and every
-``busy_poll_s`` while prompts are in flight that the websocket does not report in full, then
-the outcome of prompts that left it (queue first, then history: the other order can miss a
-prompt): one ``/api/jobs`` page where ComfyUI has it tells which have a history entry, read
-from ``/history/{id}``. Garbage from ComfyUI is logged with context and skipped; a body that
-cannot be trusted is never turned into an observation, so a malformed answer can delay a
-job's update but never end it wrongly.
+hundred bytes saved) feeds every text frame to the tracker. While a sampler counts its steps,
+the socket is read once per ``read_pace_s`` rather than once per frame, and of what piled up
+only the newest progress goes on (``comfyui_burst``): tens of wake-ups a second cost more
+than the daemon's work, and progress goes to the page no more often anyway. Because ComfyUI
+routes a prompt's events only to its submitter, ``/queue`` is polled on every ``status``
+frame and every ``busy_poll_s`` while prompts are in flight that the websocket does not
+report in full, then the outcome of prompts that left it (queue first, then history: the
+other order can miss a prompt): one ``/api/jobs`` page where ComfyUI has it tells which have
+a history entry, read from ``/history/{id}``. Garbage from ComfyUI is logged with context and
+skipped; a body that cannot be trusted is never turned into an observation, so a malformed
+answer can delay a job's update but never end it wrongly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import json
 import logging
 import random
+import sys
+import termios
 import time
 from collections.abc import Callable, Generator
 from typing import Any
@@ -31,11 +37,14 @@ import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidURI
 
+from tower_progress.clock import next_tick
 from tower_progress.core.model import (
+    ComfyMessage,
     HistoryEntry,
     Observation,
     SourceStatus,
 )
+from tower_progress.sources.comfyui_burst import ProgressBurst
 from tower_progress.sources.comfyui_wire import (
     JOBS_API_SINCE,
     ComfyError,
@@ -71,8 +80,10 @@ class ComfySource:
     not report in full). Timeouts and backoff bounds are in seconds: ``open_timeout_s`` for a
     websocket handshake, ``close_timeout_s`` for its closing one (a dead connection found by
     its pings waits this long, as ComfyUI will not answer), ``http_timeout_s`` for a whole
-    HTTP request; reconnects wait a jittered ``initial_backoff_s`` doubling up to
-    ``max_backoff_s``, reset by a connection that stays up.
+    HTTP request; ``read_pace_s`` paces reading while a sampler runs (0: every frame as it
+    comes), so a step's progress can reach the tracker up to this late; reconnects wait a
+    jittered ``initial_backoff_s`` doubling up to ``max_backoff_s``, reset by a connection
+    that stays up.
     """
 
     def __init__(
@@ -92,6 +103,7 @@ class ComfySource:
         initial_backoff_s: float = 1.0,
         max_backoff_s: float = 30.0,
         ping_interval_s: float = 20.0,
+        read_pace_s: float = 0.0,
     ) -> None:
         self.name = name
         self._url = url.rstrip("/")
@@ -108,6 +120,7 @@ class ComfySource:
         self._initial_backoff_s = initial_backoff_s
         self._max_backoff_s = max_backoff_s
         self._ping_interval_s = ping_interval_s
+        self._read_pace_s = read_pace_s
         self._wake = asyncio.Event()
         self._connected = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
@@ -216,16 +229,44 @@ class ComfySource:
             self._emit(SourceStatus(self.source_name, False, f"invalid URL {self._url}"))
 
     async def _read(self, ws: ClientConnection) -> str:
-        try:
-            async for frame in ws:
-                message = parse_frame(self.name, frame)
-                if message is None:
-                    continue
+        """Read one connection until it closes; say how it closed.
+
+        Once the frames that came in one read are all parsed (the loop's next turn), what the
+        burst holds goes out, and while a sampler runs reading pauses until the next tick of
+        the pace, unless more is already waiting in the kernel: then reading goes on, so a
+        stream faster than one read per tick (large previews) never falls behind."""
+        loop = asyncio.get_running_loop()
+        burst = ProgressBurst()
+        pacer = _Pacer(ws, self._read_pace_s)
+        settle: asyncio.Handle | None = None
+
+        def pass_on(messages: list[ComfyMessage]) -> None:
+            for message in messages:
                 self._emit(message)
                 if message.message["type"] == "status":
                     self._wake.set()
+
+        def settled() -> None:
+            nonlocal settle
+            settle = None
+            pass_on(burst.drain())
+            if burst.waiting:
+                pacer.pause()
+
+        try:
+            async for frame in ws:
+                pass_on(burst.feed(parse_frame(self.name, frame)))
+                if not burst.waiting:
+                    pacer.resume()
+                if settle is None:
+                    settle = loop.call_soon(settled)
         except ConnectionClosed as exc:
             return f"closed: {exc}"
+        finally:
+            pacer.close()
+            if settle is not None:
+                settle.cancel()
+            pass_on(burst.drain())
         return "closed by ComfyUI"
 
     # --- HTTP polling ----------------------------------------------------------------------
@@ -373,3 +414,47 @@ class ComfySource:
         log.info("comfyui %s: prompt %s %s on request", self.name, prompt_id, result)
         self._wake.set()
         return result
+
+
+class _Pacer:
+    """Pauses a connection's reading until the next tick of ``pace_s`` (the frames meanwhile
+    wait in the kernel, then come in one read), or until told to read on. It never pauses
+    while the kernel holds unread bytes for the socket, nor where it cannot tell; a pace of
+    0 never pauses."""
+
+    def __init__(self, ws: ClientConnection, pace_s: float) -> None:
+        self._transport = ws.transport
+        sock = self._transport.get_extra_info("socket")
+        self._fd: int | None = sock.fileno() if sock is not None else None
+        self._pace_s = pace_s
+        self._handle: asyncio.TimerHandle | None = None
+
+    def pause(self) -> None:
+        if self._pace_s <= 0 or self._handle is not None or self._unread() != 0:
+            return
+        self._transport.pause_reading()
+        loop = asyncio.get_running_loop()
+        self._handle = loop.call_at(next_tick(loop.time(), self._pace_s), self._read_on)
+
+    def resume(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._read_on()
+
+    def close(self) -> None:
+        """Read on for good: the closing handshake must not wait for a tick."""
+        self.resume()
+
+    def _read_on(self) -> None:
+        self._handle = None
+        self._transport.resume_reading()
+
+    def _unread(self) -> int | None:
+        """Bytes the kernel holds for the socket (``FIONREAD``); None when unknown."""
+        if self._fd is None:
+            return None
+        try:
+            raw = fcntl.ioctl(self._fd, termios.FIONREAD, bytes(4))
+        except OSError:
+            return None
+        return int.from_bytes(raw, sys.byteorder, signed=True)
