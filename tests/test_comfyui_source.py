@@ -608,6 +608,26 @@ async def test_paced_reading_reads_on_at_once_after_the_last_step_of_a_node(box:
     assert progress_seen(watch)[-1] == 20
 
 
+async def test_paced_reading_keeps_up_with_a_stream_larger_than_one_read_per_pace(
+    box: Box,
+) -> None:
+    """Megabyte previews: whatever waits in the kernel is read on, not one read per tick."""
+    pace = 0.5
+    server, watch = box.server, box.watch
+    server.queue = [body(queue_body([item(7, P)]))]
+    preview = binary(1, u32(1), JPEG + bytes(1 << 20))
+    async with box.watching(read_pace_s=pace):
+        await watch.until("the first poll", lambda: watch.of_type(QueueSnapshot))
+        server.send(*START[:3])
+        for step in range(1, 20):
+            server.send(progress(step), preview)
+        server.send(frame("executing", node="8", display_node="8", prompt_id=P))
+        await watch.until(
+            "decoding", lambda: running_job(watch)["stage"] == "decoding", within_s=6 * pace
+        )
+    assert progress_seen(watch)[-1] == 19
+
+
 async def test_paced_reading_never_holds_up_the_closing_handshake(box: Box) -> None:
     server, watch = box.server, box.watch
     server.queue = [body(queue_body([item(7, P)]))]
