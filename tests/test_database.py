@@ -40,6 +40,7 @@ from tower_progress.sources.database import (
 from tower_progress.sources.db_embedded import EmbeddedPostgresError
 from tower_progress.sources.db_history import DatabaseUnavailable
 from tower_progress.sources.db_migrations import available_migrations
+from tower_progress.sources.db_retry import is_transient
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 T0_EPOCH = T0.timestamp()
@@ -374,6 +375,25 @@ async def test_hostile_values_give_exact_rows_and_one_warning_per_job_and_field(
         f"{schema}.Odd Jobs: job job-c: updated_at=datetime.datetime(9999, 12, 31, 23, 59, 59, "
         "999999): outside 2000..2100; using null",
     ]
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (asyncpg.exceptions.AdminShutdownError, True),
+        (asyncpg.exceptions.TooManyConnectionsError, True),
+        (asyncpg.exceptions.PostgresIOError, True),
+        (asyncpg.exceptions.DeadlockDetectedError, True),
+        (asyncpg.exceptions.SerializationError, True),
+        (asyncpg.exceptions.UndefinedColumnError, False),
+        (asyncpg.exceptions.InsufficientPrivilegeError, False),
+        (asyncpg.exceptions.LockNotAvailableError, False),
+    ],
+)
+def test_only_errors_that_go_away_by_themselves_are_retried(
+    error: type[asyncpg.PostgresError], transient: bool
+) -> None:
+    assert is_transient(error("boom")) is transient
 
 
 async def test_trigger_install_is_idempotent_and_never_blocks_the_producer(

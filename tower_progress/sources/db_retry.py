@@ -13,10 +13,12 @@ import random
 
 import asyncpg
 
-# SQLSTATE classes that mean "the server or the link is away", not "your statement is wrong":
-# 08 connection exception, 57P operator intervention (shutdown, crash, starting up),
-# 53 insufficient resources (too many connections, disk full).
-_TRANSIENT_SQLSTATE_PREFIXES = ("08", "57P", "53")
+# SQLSTATEs that mean "the server or the link is away, try again", not "your statement is
+# wrong": 08 connection exception, 57P operator intervention (shutdown, crash, starting up),
+# 53 insufficient resources (too many connections, disk full), 58 system error (an I/O error
+# on the server), 40001 serialization failure and 40P01 deadlock (the same statement succeeds
+# when tried again).
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "57P", "53", "58", "40001", "40P01")
 
 
 class Backoff:
