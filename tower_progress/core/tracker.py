@@ -82,12 +82,12 @@ class TrackerConfig:
     """A change of progress alone (percent, step, frames) is emitted at most this often per
     job; anything else at once. What is held back goes out with the next change or tick."""
     let_go_cap: int = 10_000
+    """Finished jobs remembered after the cap let them go, so that the reconcile query's
+    unchanged copy of their row does not bring them back (more than it returns at once)."""
     finish_grace_s: float = 0.0
     """A row marked completed while ComfyUI still reports its prompt in full as running keeps
     the job running this long, for ComfyUI's last events (decoding, saving, outputs) that the
     production system's update may overtake; then the row's verdict stands regardless."""
-    """Finished jobs remembered after the cap let them go, so that the reconcile query's
-    unchanged copy of their row does not bring them back (more than it returns at once)."""
 
 
 @dataclass
