@@ -74,20 +74,33 @@ def _free_port() -> int:
 
 
 class Meter:
-    """CPU and RSS of one process, between ``start()`` and ``read()``."""
+    """CPU, wake-ups and RSS of one process, between ``start()`` and the readings.
+
+    Wake-ups are the voluntary context switches of its main thread, where the event loop
+    runs: each is one sleep in epoll ended by a timer or a socket (Linux's
+    ``/proc/PID/task/PID/status``)."""
 
     def __init__(self, pid: int) -> None:
         self.proc = psutil.Process(pid)
+        self._status = Path(f"/proc/{pid}/task/{pid}/status")
         self._wall = 0.0
         self._cpu = 0.0
+        self._switches = 0
         self.peak_rss = 0
 
     def _cpu_seconds(self) -> float:
         times = self.proc.cpu_times()
         return float(times.user + times.system)
 
+    def _voluntary_switches(self) -> int:
+        for line in self._status.read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"{self._status} has no voluntary_ctxt_switches")
+
     def start(self) -> None:
         self._wall, self._cpu = time.monotonic(), self._cpu_seconds()
+        self._switches = self._voluntary_switches()
         self.peak_rss = self.rss()
 
     def rss(self) -> int:
@@ -98,6 +111,9 @@ class Meter:
     def cpu_percent(self) -> float:
         return 100 * (self._cpu_seconds() - self._cpu) / (time.monotonic() - self._wall)
 
+    def wakeups_per_s(self) -> float:
+        return (self._voluntary_switches() - self._switches) / (time.monotonic() - self._wall)
+
 
 @dataclass
 class Row:
@@ -105,6 +121,7 @@ class Row:
     seconds: float
     jobs: int
     cpu: float
+    wakeups: float
     rss_start: int
     rss_end: int
     rss_peak: int
@@ -233,6 +250,7 @@ async def _measure(
         time.monotonic() - began,
         work.result(),
         daemon.cpu_percent(),
+        daemon.wakeups_per_s(),
         rss_start,
         daemon.rss(),
         daemon.peak_rss,
@@ -240,7 +258,10 @@ async def _measure(
         idle.rss(),
     )
     rows.append(row)
-    print(f"  {name}: {row.seconds:.0f} s, daemon {row.cpu:.2f} % CPU, {row.rss_end >> 20} MiB")
+    print(
+        f"  {name}: {row.seconds:.0f} s, daemon {row.cpu:.2f} % CPU, "
+        f"{row.wakeups:.1f} wake-ups/s, {row.rss_end >> 20} MiB"
+    )
     return row
 
 
@@ -344,14 +365,14 @@ def _print(rows: list[Row], churn_rss: list[int]) -> None:
     mib = 1 << 20
     print()
     print(
-        f"{'phase':34} {'s':>5} {'jobs':>5} {'CPU %':>6} {'RSS MiB start/end/peak':>23} "
-        f"{'idle CPU %':>10} {'idle RSS':>8}"
+        f"{'phase':34} {'s':>5} {'jobs':>5} {'CPU %':>6} {'wake/s':>6} "
+        f"{'RSS MiB start/end/peak':>23} {'idle CPU %':>10} {'idle RSS':>8}"
     )
     for r in rows:
         rss = f"{r.rss_start / mib:.1f}/{r.rss_end / mib:.1f}/{r.rss_peak / mib:.1f}"
         print(
-            f"{r.phase:34} {r.seconds:5.0f} {r.jobs:5d} {r.cpu:6.2f} {rss:>23} "
-            f"{r.idle_cpu:10.2f} {r.idle_rss / mib:8.1f}"
+            f"{r.phase:34} {r.seconds:5.0f} {r.jobs:5d} {r.cpu:6.2f} {r.wakeups:6.1f} "
+            f"{rss:>23} {r.idle_cpu:10.2f} {r.idle_rss / mib:8.1f}"
         )
     if churn_rss:
         steps = ", ".join(f"{rss / mib:.1f}" for rss in churn_rss)
