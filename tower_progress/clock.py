@@ -1,6 +1,7 @@
 """Fixed-rate timers on one grid of the event loop's clock.
 
-Every periodic timer of the daemon (the tracker's tick, the resource sampler, history flushes)
+Every periodic timer of the daemon (the tracker's tick, the resource sampler, history flushes,
+write-back, the embedded database's supervisor, systemd's watchdog ping, paced ComfyUI reads)
 falls due on whole multiples of its interval on the loop's clock, not an interval after it last
 ran. Timers whose intervals divide one another then fall due at the same instant and share one
 wake-up of the process, which on a render box's virtual machine costs more than the work each

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import asyncpg
 
+from tower_progress.clock import wait_for_tick
 from tower_progress.sources.db_embedded import EmbeddedPostgres, EmbeddedPostgresError
 from tower_progress.sources.db_retry import Backoff, describe, sleep_or_stop
 
@@ -60,7 +61,7 @@ class EmbeddedSupervisor:
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         refusing_since: float | None = None
-        while not await sleep_or_stop(stop, self._interval):
+        while not await wait_for_tick(stop, self._interval):
             if not self._server.alive():
                 reason = "its postmaster exited"
             else:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from tower_progress.clock import wait_for_tick
 from tower_progress.sources.db_retry import Backoff, describe, is_transient, sleep_or_stop
 from tower_progress.sources.db_rows import finite_float
 from tower_progress.sources.db_table import (
@@ -113,7 +114,7 @@ class WriteBack:
                     if await sleep_or_stop(stop, self._backoff.next_delay()):
                         return
             tick = min(1.0, self._min_interval)
-            while not await sleep_or_stop(stop, tick):
+            while not await wait_for_tick(stop, tick):
                 await self.write_due()
             await self.write_due()
         finally:
