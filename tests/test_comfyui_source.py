@@ -629,6 +629,9 @@ async def test_paced_reading_keeps_up_with_a_stream_larger_than_one_read_per_pac
 
 
 async def test_paced_reading_never_holds_up_the_closing_handshake(box: Box) -> None:
+    """Reading paused for an hour: stopping still reads ComfyUI's close frame at once (the
+    source must stop within the 5 s ``running`` allows, against a 30 s close timeout); the
+    progress left in the kernel is never passed on."""
     server, watch = box.server, box.watch
     server.queue = [body(queue_body([item(7, P)]))]
     async with box.watching(read_pace_s=3600, close_timeout_s=30):
