@@ -68,3 +68,12 @@ def test_a_progress_without_prompt_id_or_node_is_held_like_any_other() -> None:
     for message in old:
         assert burst.feed(message) == []
     assert burst.drain() == [old[-1]]
+
+
+def test_without_coalescing_every_message_goes_on_as_it_comes() -> None:
+    burst = ProgressBurst(coalesce=False)
+    for message in (progress(1), state(1), progress(2)):
+        assert burst.feed(message) == [message]
+    assert burst.feed(None) == []
+    assert burst.drain() == []
+    assert not burst.waiting

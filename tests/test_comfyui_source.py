@@ -572,6 +572,16 @@ def progress_seen(watch: Watch) -> list[int]:
     return [m["data"]["value"] for m in messages if m["type"] == "progress"]
 
 
+async def test_unpaced_reading_passes_on_every_progress_even_when_read_at_once(box: Box) -> None:
+    server, watch = box.server, box.watch
+    server.queue = [body(queue_body([item(7, P)]))]
+    async with box.watching():
+        await watch.until("the first poll", lambda: watch.of_type(QueueSnapshot))
+        server.send(*START[:3], *(progress(step) for step in range(1, 11)))
+        await watch.step(P, 10)
+    assert progress_seen(watch) == list(range(1, 11))
+
+
 async def test_paced_reading_passes_on_the_newest_progress_about_once_per_pace(box: Box) -> None:
     pace = 0.2
     server, watch = box.server, box.watch

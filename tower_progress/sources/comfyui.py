@@ -236,7 +236,7 @@ class ComfySource:
         the pace, unless more is already waiting in the kernel: then reading goes on, so a
         stream faster than one read per tick (large previews) never falls behind."""
         loop = asyncio.get_running_loop()
-        burst = ProgressBurst()
+        burst = ProgressBurst(coalesce=self._read_pace_s > 0)
         pacer = _Pacer(ws, self._read_pace_s)
         settle: asyncio.Handle | None = None
 

@@ -27,10 +27,12 @@ class ProgressBurst:
     and node; ``progress_state`` and frames that carry no message (a preview, garbage) keep
     whatever wait is on; a ``progress_state`` during one is held too. Anything else, and a
     ``progress`` that reaches its maximum (the node ends next), releases what is held and
-    ends the wait.
+    ends the wait. With ``coalesce`` False (reading is not paced) every message goes on as it
+    comes, and nothing is held.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, coalesce: bool = True) -> None:
+        self._coalesce = coalesce
         self._held: dict[_Key, ComfyMessage] = {}
         self._sampling = False
 
@@ -42,6 +44,8 @@ class ProgressBurst:
         """The messages to pass on now, in order."""
         if message is None:
             return []
+        if not self._coalesce:
+            return [message]
         kind = message.message["type"]
         data = message.message["data"]
         if kind == "progress":
