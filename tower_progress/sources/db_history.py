@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-from tower_progress.clock import next_tick
+from tower_progress.clock import next_tick, sleep_or_stop
 from tower_progress.core.model import JobFinished, JsonDict
 from tower_progress.sources.db_history_entries import (
     Entry,
@@ -33,7 +33,7 @@ from tower_progress.sources.db_history_entries import (
     make_finished,
     make_sample,
 )
-from tower_progress.sources.db_retry import Backoff, describe, is_transient, sleep_or_stop
+from tower_progress.sources.db_retry import Backoff, describe, is_transient
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 
 import asyncpg
 
+from tower_progress.clock import sleep_or_stop
 from tower_progress.core.model import Observation, RowDeleted, SourceStatus
-from tower_progress.sources.db_retry import Backoff, describe, sleep_or_stop
+from tower_progress.sources.db_retry import Backoff, describe
 from tower_progress.sources.db_rows import ProblemLog, validate_row
 from tower_progress.sources.db_table import (
     CHANNEL,

@@ -1,4 +1,4 @@
-"""Retry helpers shared by the database source: backoff, stop-aware sleep, error classes.
+"""Retry helpers shared by the database source: backoff and error classes.
 
 The database comes and goes (restarts, failovers, network cuts); every loop that talks to it
 waits with capped exponential backoff and full jitter, resets after a success, and tells a
@@ -7,8 +7,6 @@ transient connection problem apart from a bad statement so that it retries only 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import random
 
 import asyncpg
@@ -43,16 +41,6 @@ class Backoff:
 
     def reset(self) -> None:
         self._attempt = 0
-
-
-async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep up to ``seconds``; return True as soon as ``stop`` is set (also when already set)."""
-    if stop.is_set():
-        return True
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(max(0.0, seconds)):
-            await stop.wait()
-    return stop.is_set()
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import asyncpg
 
-from tower_progress.clock import wait_for_tick
+from tower_progress.clock import sleep_or_stop, wait_for_tick
 from tower_progress.sources.db_embedded import EmbeddedPostgres, EmbeddedPostgresError
-from tower_progress.sources.db_retry import Backoff, describe, sleep_or_stop
+from tower_progress.sources.db_retry import Backoff, describe
 
 log = logging.getLogger(__name__)
 

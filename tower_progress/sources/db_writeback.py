@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from tower_progress.clock import wait_for_tick
-from tower_progress.sources.db_retry import Backoff, describe, is_transient, sleep_or_stop
+from tower_progress.clock import sleep_or_stop, wait_for_tick
+from tower_progress.sources.db_retry import Backoff, describe, is_transient
 from tower_progress.sources.db_rows import finite_float
 from tower_progress.sources.db_table import (
     DEFAULT_TERMINAL_STATUSES,
